@@ -1,0 +1,1 @@
+"""Alembic migrations for recalq; `recalq migrate` or `alembic upgrade head` applies them."""

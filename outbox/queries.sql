@@ -1,0 +1,79 @@
+-- Queries the outbox runs from Python. The job lifecycle itself lives in SQL functions
+-- (migrations/functions/outbox_v1.sql) so that producers and workers in any language share it.
+
+-- name: enqueue_request
+-- The producer contract; see docs/producer-contract.md.
+SELECT job_id, request_id, created_request, created_job
+  FROM outbox_enqueue_request(%(task)s, %(coalescing_key)s, %(payload)s, %(correlation_id)s,
+                              %(trigger_reason)s, %(actor_type)s, %(actor_id)s, %(max_attempts)s)
+
+-- name: claim_due_jobs
+-- The relay claims due pending jobs for a short lease. SKIP LOCKED lets relays run side by
+-- side; the lease (not the row lock) keeps a claimed row from being claimed twice while it is
+-- published, and lets another relay pick it up if this one dies. Never pages by id: a row
+-- that commits late is simply claimed by a later pass.
+UPDATE outbox_job j
+   SET claimed_until = now() + make_interval(secs => %(lease_seconds)s)
+  FROM (SELECT id
+          FROM outbox_job
+         WHERE status = 'pending'
+           AND next_run_at <= now()
+           AND (claimed_until IS NULL OR claimed_until < now())
+         ORDER BY next_run_at
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) due
+ WHERE j.id = due.id
+RETURNING j.id, j.task, j.payload, j.celery_task_id
+
+-- name: mark_published
+-- After the broker confirmed them. A job a worker already started is left alone.
+UPDATE outbox_job
+   SET status = 'published', published_at = now(), publish_count = publish_count + 1,
+       claimed_until = NULL, updated_at = now()
+ WHERE id = ANY(%(ids)s) AND status = 'pending'
+
+-- name: release_claims
+-- Rows the broker refused go back to the relay at once instead of waiting out the lease.
+UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s) AND status = 'pending'
+
+-- name: start_job
+SELECT outcome, attempt, payload, coalescing_key, extract(epoch FROM retry_after)::float8 AS retry_after_s
+  FROM outbox_start(%(job_id)s, %(redelivered)s, make_interval(secs => %(lease_seconds)s), %(resume_attempt)s)
+
+-- name: complete_job
+SELECT outbox_complete(%(job_id)s, %(attempt)s) AS completed
+
+-- name: fail_job
+SELECT outbox_fail(%(job_id)s, %(attempt)s, %(error)s, %(retryable)s,
+                   make_interval(secs => %(retry_in_seconds)s)) AS outcome
+
+-- name: requeue_job
+SELECT outbox_requeue(%(job_id)s) AS job_id
+
+-- name: requests_of_job
+-- Who asked for a job, oldest first (bounded: a hot key may coalesce thousands).
+SELECT correlation_id, trigger_reason, actor_type, actor_id, created_at
+  FROM outbox_request
+ WHERE job_id = %(job_id)s
+ ORDER BY id
+ LIMIT %(limit)s
+
+-- name: jobs_for_key
+-- The latest jobs of one coalescing key, newest first.
+SELECT id, task, status, attempts, max_attempts, next_run_at, last_error, created_at, updated_at,
+       published_at, started_at, finished_at, celery_task_id
+  FROM outbox_job
+ WHERE coalescing_key = %(coalescing_key)s
+ ORDER BY id DESC
+ LIMIT %(limit)s
+
+-- name: queue_state
+SELECT task, status, jobs, oldest_age_s, relay_lag_s, finished_last_1m, finished_last_5m, per_second_5m
+  FROM outbox_queue_state
+ ORDER BY task, status
+
+-- name: find_request
+-- An accepted request by its idempotency key, if any.
+SELECT id AS request_id, job_id
+  FROM outbox_request
+ WHERE coalescing_key = %(coalescing_key)s AND correlation_id = %(correlation_id)s

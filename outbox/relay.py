@@ -1,0 +1,172 @@
+"""The relay: moves committed outbox jobs to the broker.
+
+Each pass claims due pending jobs under a short lease (one short transaction), publishes them
+through the `publish` callable it was handed (the relay knows nothing of Celery), then marks
+the ones the broker confirmed as published (a second short transaction). No row lock is held
+while the broker is slow, so mutations joining those jobs never wait on the broker.
+
+A relay that dies after publishing and before marking leaves rows whose lease runs out; a
+later pass publishes them again with the same task id, and the worker's fenced start turns the
+second delivery into a no-op. LISTEN/NOTIFY only wakes the relay early; polling is the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from outbox.errors import PublishFailed
+from outbox.queries import QUERIES
+
+log = logging.getLogger(__name__)
+
+#: The channel outbox_enqueue notifies when it creates a job.
+WAKE_CHANNEL = "outbox_job_pending"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    job_id: int
+    task: str
+    payload: dict[str, Any]
+    #: Fixed when the job was inserted, so every publication of a job carries the same id.
+    task_id: UUID
+
+
+#: Publishes a batch; raises PublishFailed naming the job ids that did get through.
+Publish = Callable[[Sequence[OutboxMessage]], None]
+#: Called at named points of a pass; tests use it to pause or kill the relay there.
+Probe = Callable[[str], None]
+
+
+def no_probe(point: str) -> None:
+    """The production probe: does nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    claimed: int
+    published: int
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        connect: Callable[[], psycopg.Connection],
+        publish: Publish,
+        batch_size: int = 500,
+        claim_lease_seconds: float = 30.0,
+        poll_seconds: float = 1.0,
+        max_error_backoff_seconds: float = 5.0,
+        probe: Probe = no_probe,
+    ) -> None:
+        self._connect = connect
+        self._publish = publish
+        self._batch_size = batch_size
+        self._claim_lease_seconds = claim_lease_seconds
+        self._poll_seconds = poll_seconds
+        self._max_error_backoff = max_error_backoff_seconds
+        self._probe = probe
+
+    def run_pass(self, conn: psycopg.Connection) -> PassResult:
+        """One claim → publish → mark cycle on an open connection (not in a transaction)."""
+        with conn.transaction():
+            with conn.cursor() as cur:
+                cur.execute(
+                    QUERIES["claim_due_jobs"],
+                    {"lease_seconds": self._claim_lease_seconds, "limit": self._batch_size},
+                )
+                rows = cur.fetchall()
+        if not rows:
+            return PassResult(0, 0)
+        messages = [OutboxMessage(job_id=r[0], task=r[1], payload=r[2], task_id=r[3]) for r in rows]
+        self._probe("relay.after_claim")
+        failure: PublishFailed | None = None
+        try:
+            self._publish(messages)
+            published = [m.job_id for m in messages]
+        except PublishFailed as exc:
+            failure = exc
+            published = list(exc.published)
+        self._probe("relay.after_publish")
+        with conn.transaction():
+            with conn.cursor() as cur:
+                if published:
+                    cur.execute(QUERIES["mark_published"], {"ids": published})
+                unpublished = sorted({m.job_id for m in messages} - set(published))
+                if unpublished:
+                    cur.execute(QUERIES["release_claims"], {"ids": unpublished})
+        self._probe("relay.after_mark")
+        if failure is not None:
+            raise failure
+        return PassResult(len(messages), len(published))
+
+    def drain(self, conn: psycopg.Connection) -> int:
+        """Passes until nothing due is left; returns how many jobs were published."""
+        total = 0
+        while True:
+            result = self.run_pass(conn)
+            total += result.published
+            if result.claimed < self._batch_size:
+                return total
+
+    def run(self, stop: threading.Event) -> None:
+        """Relays until `stop` is set, surviving database and broker outages."""
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                with self._connect() as conn, self._listen() as wakeups:
+                    conn.autocommit = False
+                    backoff = 0.0
+                    log.info("relay connected; publishing due jobs")
+                    while not stop.is_set():
+                        self.drain(conn)
+                        conn.commit()  # end the implicit read transaction before waiting
+                        next(wakeups)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                backoff = self._next_backoff(backoff)
+                log.warning("relay lost the database (%s); retrying in %.1fs", exc, backoff)
+            except PublishFailed as exc:
+                backoff = self._next_backoff(backoff)
+                log.warning("broker refused a batch (%s); retrying in %.1fs", exc, backoff)
+            stop.wait(backoff)
+
+    def _next_backoff(self, current: float) -> float:
+        return min(self._max_error_backoff, max(0.1, current * 2))
+
+    def _listen(self) -> AbstractContextManager[Iterator[None]]:
+        return _Wakeups(self._connect, self._poll_seconds)
+
+
+class _Wakeups:
+    """Yields once per NOTIFY on the wake channel, or after poll_seconds without one."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], poll_seconds: float) -> None:
+        self._connect = connect
+        self._poll_seconds = poll_seconds
+        self._conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> Iterator[None]:
+        self._conn = self._connect()
+        self._conn.autocommit = True
+        self._conn.execute(f"LISTEN {WAKE_CHANNEL}")
+        return self._iterate()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def _iterate(self) -> Iterator[None]:
+        assert self._conn is not None
+        while True:
+            for _ in self._conn.notifies(timeout=self._poll_seconds, stop_after=1):
+                break
+            yield None

@@ -1,0 +1,5 @@
+import sys
+
+from recalq.cli import main
+
+sys.exit(main())

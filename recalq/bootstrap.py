@@ -1,0 +1,121 @@
+"""The composition root: builds a process's pool, Celery app, recalculator and relay.
+
+Nothing is built at import time. `runtime()` builds the one Runtime of this process from the
+one Settings object on first use; the Celery app is made when a command asks for it, and the
+connection pool is made lazily in the process that uses it (after a prefork worker forks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from functools import cache, cached_property
+
+import psycopg
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+from psycopg_pool import ConnectionPool
+
+from outbox.backoff import RetryPolicy
+from outbox.relay import Relay
+from recalq.celery_config import celery_config
+from recalq.faults import probe_from_spec
+from recalq.publisher import CeleryPublisher
+from recalq.settings import Settings
+from services.recalculation import RecalculationPolicy, Recalculator
+
+
+def utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool: ConnectionPool | None = None
+        self._pool_pid: int | None = None
+
+    # -- database -------------------------------------------------------------------------
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None or self._pool_pid != os.getpid():
+            # A pool inherited across fork() shares sockets with the parent: never reuse it.
+            self._pool = ConnectionPool(
+                self.settings.conninfo,
+                min_size=self.settings.db_pool_min_size,
+                max_size=self.settings.db_pool_max_size,
+                timeout=self.settings.db_pool_timeout_seconds,
+                open=True,
+                name="recalq",
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def connect(self) -> psycopg.Connection:
+        """A dedicated connection outside the pool (the relay's and its LISTEN's)."""
+        return psycopg.connect(self.settings.conninfo, connect_timeout=10)
+
+    def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.close()
+        self._pool = None
+
+    # -- services -------------------------------------------------------------------------
+    @cached_property
+    def recalculator(self) -> Recalculator:
+        s = self.settings
+        return Recalculator(
+            connection=self.connection,
+            policy=RecalculationPolicy(
+                lease_seconds=s.job_lease_seconds,
+                retry=RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter),
+                infra_retry=RetryPolicy(
+                    min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter
+                ),
+                busy_retry_seconds=s.busy_retry_seconds,
+                lock_timeout_ms=s.lock_timeout_ms,
+            ),
+            today=utc_today,
+            probe=probe_from_spec(s.fault),
+        )
+
+    # -- Celery and the relay ---------------------------------------------------------------
+    @cached_property
+    def celery_app(self) -> Celery:
+        app = Celery("recalq", include=["tasks.recalculation"])
+        app.config_from_object(celery_config(self.settings))
+        app.recalq = self  # the tasks' way back to this runtime
+        worker_process_init.connect(self._on_worker_process_init, weak=False)
+        worker_process_shutdown.connect(self._on_worker_process_shutdown, weak=False)
+        return app
+
+    def relay(self) -> Relay:
+        s = self.settings
+        return Relay(
+            connect=self.connect,
+            publish=CeleryPublisher(self.celery_app, s.queue),
+            batch_size=s.relay_batch_size,
+            claim_lease_seconds=s.relay_claim_lease_seconds,
+            poll_seconds=s.relay_poll_seconds,
+            probe=probe_from_spec(s.fault),
+        )
+
+    def _on_worker_process_init(self, **_: object) -> None:
+        self._pool = None  # the child builds its own on first use
+        self.pool  # noqa: B018 - open it now, before the first task waits on it
+
+    def _on_worker_process_shutdown(self, **_: object) -> None:
+        self.close()
+
+
+@cache
+def runtime() -> Runtime:
+    """This process's Runtime, built from the environment once."""
+    return Runtime(Settings())

@@ -1,0 +1,120 @@
+"""The one settings object, read from the environment once per process.
+
+Every knob has a safe default so a fresh machine runs with none set. With no DATABASE_URL or
+BROKER_URL, `recalq up` starts embedded PostgreSQL and Redis and fills these in for its
+child processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECALQ_", extra="ignore", frozen=True)
+
+    #: libpq URL of the database, e.g. postgresql://app@db:5432/recalq. None: embedded.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("RECALQ_DATABASE_URL", "DATABASE_URL")
+    )
+    #: Celery broker URL: amqp://... (RabbitMQ, recommended) or redis://... None: embedded.
+    broker_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("RECALQ_BROKER_URL", "BROKER_URL")
+    )
+    #: Where embedded services keep their data, and other local state.
+    data_dir: Path = Path("var")
+    #: Celery queue the recalculations travel on.
+    queue: str = "recalq"
+
+    #: Attempts before a job is DEAD (G5).
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    #: Retry delay after the first failed attempt; doubles per attempt up to retry_max_seconds.
+    retry_base_seconds: float = Field(default=10.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    #: Jitter as a fraction of the delay: 0.2 spreads each delay over +-20 %.
+    retry_jitter: float = Field(default=0.2, ge=0, lt=1)
+    #: Cap on the wait between retries after infrastructure errors (these never count).
+    infra_retry_max_seconds: float = Field(default=30.0, gt=0)
+    #: How soon a job retries when another job of its key is running.
+    busy_retry_seconds: float = Field(default=0.25, gt=0)
+
+    #: A running attempt's lease: after it, the job may be taken over. Above task_time_limit.
+    job_lease_seconds: float = Field(default=120.0, gt=0)
+    task_soft_time_limit: float = Field(default=60.0, gt=0)
+    task_time_limit: float = Field(default=90.0, gt=0)
+    #: How long a recalculation waits for a property's row lock before the attempt fails.
+    lock_timeout_ms: int = Field(default=5000, ge=0)
+
+    #: Relay: rows claimed per batch, fallback poll interval, and the claim lease that lets
+    #: another relay re-publish rows of a relay that died mid-batch.
+    relay_batch_size: int = Field(default=500, ge=1, le=10000)
+    relay_poll_seconds: float = Field(default=1.0, gt=0)
+    relay_claim_lease_seconds: float = Field(default=30.0, gt=0)
+    #: Bound on one publish attempt when the broker hangs.
+    broker_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    db_pool_min_size: int = Field(default=1, ge=0)
+    db_pool_max_size: int = Field(default=4, ge=1)
+    #: How long a task waits for a pooled connection before treating the database as unavailable.
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
+    worker_concurrency: int = Field(default=2, ge=1)
+
+    #: Test hook, e.g. "relay.after_publish=kill"; see recalq/faults.py. Never set in production.
+    fault: str | None = None
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_time_limit")
+        if self.task_time_limit >= self.job_lease_seconds:
+            raise ValueError(
+                "job_lease_seconds must exceed task_time_limit, or a slow but live attempt "
+                "could be taken over"
+            )
+        if self.retry_base_seconds > self.retry_max_seconds:
+            raise ValueError("retry_base_seconds must not exceed retry_max_seconds")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
+        for name in ("database_url", "broker_url"):
+            url = getattr(self, name)
+            if url is not None and not urlsplit(url).scheme:
+                raise ValueError(f"{name} must be a URL with a scheme, got {url!r}")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.broker_url is None
+
+    @property
+    def conninfo(self) -> str:
+        """The database URL as libpq understands it."""
+        return _libpq_url(self._require("database_url"))
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        url = _libpq_url(self._require("database_url"))
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+
+    @property
+    def broker_is_rabbitmq(self) -> bool:
+        return self._require("broker_url").split("://", 1)[0] in {"amqp", "pyamqp", "amqps"}
+
+    def _require(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(
+                f"{name} is not set; run `recalq up` for the embedded defaults or set "
+                f"{name.upper()}"
+            )
+        return value
+
+
+def _libpq_url(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    if scheme in {"postgresql+psycopg", "postgres", "postgresql"}:
+        return "postgresql://" + rest
+    raise ValueError(f"database_url must be a postgresql:// URL, got scheme {scheme!r}")

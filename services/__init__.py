@@ -1,0 +1,1 @@
+"""The compliance domain: scoring, mutations that request recalculation, and the recalculation."""

@@ -1,0 +1,71 @@
+"""Errors the compliance services raise. One root: `ServiceError`.
+
+    ServiceError
+     +-- NotFound                 ClientNotFound, PropertyNotFound, DocumentNotFound
+     +-- InvalidInput             a value breaks a domain rule (names the rule)
+     +-- InvalidTransition        the entity's state does not allow the change
+     +-- DuplicateRequest         the correlation id was accepted before: nothing changed
+     +-- RecalculationError       raised inside a recalculation attempt
+          +-- TransientRecalculationError   contention (lock timeout, deadlock, serialization);
+          |                                 the attempt counts and is retried with backoff
+          +-- InfrastructureUnavailable     the database is unreachable; retried, never counted
+          +-- PermanentRecalculationError   retrying cannot help: the job goes DEAD at once
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A compliance service operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class NotFound(ServiceError):
+    """The entity does not exist."""
+
+
+class ClientNotFound(NotFound):
+    """The client does not exist."""
+
+
+class PropertyNotFound(NotFound):
+    """The property does not exist."""
+
+
+class DocumentNotFound(NotFound):
+    """The document does not exist or was deleted."""
+
+
+class InvalidInput(ServiceError):
+    """A value breaks a domain rule."""
+
+
+class InvalidTransition(ServiceError):
+    """The entity's current state does not allow this change."""
+
+
+class DuplicateRequest(ServiceError):
+    """This correlation id was accepted before; the request changed nothing."""
+
+    def __init__(self, correlation_id: str, job_id: int) -> None:
+        super().__init__(f"correlation id {correlation_id!r} was already accepted (job {job_id})")
+        self.correlation_id = correlation_id
+        self.job_id = job_id
+
+
+class RecalculationError(ServiceError):
+    """A recalculation attempt failed."""
+
+
+class TransientRecalculationError(RecalculationError):
+    """The attempt met contention that may clear; it counts and is retried."""
+
+
+class InfrastructureUnavailable(RecalculationError):
+    """The database could not be reached; the attempt is retried and not counted."""
+
+
+class PermanentRecalculationError(RecalculationError):
+    """Retrying cannot help; the job goes DEAD with this reason."""

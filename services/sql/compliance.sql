@@ -1,0 +1,92 @@
+-- Queries of the compliance services. Mutations lock the property row first, the same lock a
+-- recalculation holds while it reads, which is what makes "pending" race-free (DESIGN G2).
+
+-- name: insert_client
+INSERT INTO clients (name) VALUES (%(name)s) RETURNING id
+
+-- name: insert_property
+INSERT INTO properties (client_id, name, has_gas_supply)
+VALUES (%(client_id)s, %(name)s, %(has_gas_supply)s)
+RETURNING id
+
+-- name: client_exists
+SELECT 1 FROM clients WHERE id = %(client_id)s
+
+-- name: lock_property
+-- Serialises every change of one property with its recalculation.
+SELECT id, client_id FROM properties WHERE id = %(property_id)s FOR UPDATE
+
+-- name: request_recalculation
+SELECT job_id, created_request, created_job
+  FROM compliance_request_recalculation(%(property_id)s, %(correlation_id)s, %(trigger_reason)s,
+                                        %(actor_type)s, %(actor_id)s, NULL, %(mark_pending)s)
+
+-- name: insert_document
+INSERT INTO documents (property_id, requirement_code, status, expires_at, file_name, size_bytes, sha256, source)
+VALUES (%(property_id)s, %(requirement_code)s, %(status)s, %(expires_at)s, %(file_name)s,
+        %(size_bytes)s, %(sha256)s, %(source)s)
+RETURNING id
+
+-- name: live_document
+-- A document that is not deleted, with its property.
+SELECT id, property_id, requirement_code, status, expires_at, source
+  FROM documents
+ WHERE id = %(document_id)s AND deleted_at IS NULL
+
+-- name: soft_delete_document
+UPDATE documents SET deleted_at = now(), updated_at = now()
+ WHERE id = %(document_id)s AND deleted_at IS NULL
+
+-- name: set_document_status
+UPDATE documents SET status = %(status)s, rejection_reason = %(rejection_reason)s, updated_at = now()
+ WHERE id = %(document_id)s AND deleted_at IS NULL
+
+-- name: apply_ai_fields
+UPDATE documents
+   SET requirement_code = %(requirement_code)s, expires_at = %(expires_at)s, source = 'ai', updated_at = now()
+ WHERE id = %(document_id)s AND deleted_at IS NULL
+
+-- name: insert_audit
+INSERT INTO audit_log (action, actor_type, actor_id, property_id, client_id, correlation_id, job_id, details)
+VALUES (%(action)s, %(actor_type)s, %(actor_id)s, %(property_id)s, %(client_id)s, %(correlation_id)s,
+        %(job_id)s, %(details)s)
+
+-- name: lock_property_for_scoring
+-- The recalculation's first read: the lock keeps every mutation of this property out until
+-- the new score commits, so the inputs read below are one consistent state.
+SELECT id, client_id, has_gas_supply, generation, compliance_score, compliance_breakdown,
+       compliance_version, compliance_as_of, compliance_inputs_fingerprint
+  FROM properties
+ WHERE id = %(property_id)s
+   FOR UPDATE
+
+-- name: fence_running_attempt
+-- The attempt still holds its job (not taken over or superseded); locks it until commit.
+SELECT 1 FROM outbox_job
+ WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s
+   FOR UPDATE
+
+-- name: live_documents_of_property
+SELECT id, requirement_code, status, expires_at
+  FROM documents
+ WHERE property_id = %(property_id)s AND deleted_at IS NULL
+
+-- name: store_score
+UPDATE properties
+   SET compliance_score = %(score)s,
+       compliance_breakdown = %(breakdown)s,
+       compliance_version = %(version)s,
+       compliance_as_of = %(as_of)s,
+       compliance_inputs_fingerprint = %(fingerprint)s,
+       compliance_last_calculated_at = now(),
+       scored_generation = %(generation)s
+ WHERE id = %(property_id)s
+
+-- name: insert_score_history
+INSERT INTO property_compliance_score_history
+       (property_id, job_id, score, breakdown, version, as_of, inputs_fingerprint, generation)
+VALUES (%(property_id)s, %(job_id)s, %(score)s, %(breakdown)s, %(version)s, %(as_of)s,
+        %(fingerprint)s, %(generation)s)
+
+-- name: property_client
+SELECT client_id FROM properties WHERE id = %(property_id)s
