@@ -36,6 +36,38 @@ UPDATE outbox_job
 -- Rows the broker refused go back to the relay at once instead of waiting out the lease.
 UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s) AND status = 'pending'
 
+-- name: claim_lost_jobs
+-- Jobs whose message looks lost, claimed for re-sending under the same short lease as a
+-- normal claim: published but not started, or retrying, for longer than the grace period;
+-- running with an expired lease (its worker died and the broker did not redeliver). Status is
+-- not changed: the worker's fenced start decides what the new delivery may do, so re-sending
+-- a job that was not lost after all is a harmless duplicate. rescued_at throttles re-sending
+-- to once per grace period.
+UPDATE outbox_job j
+   SET claimed_until = now() + make_interval(secs => %(lease_seconds)s)
+  FROM (SELECT id
+          FROM outbox_job
+         WHERE ((status = 'published' AND published_at < now() - make_interval(secs => %(grace_seconds)s))
+             OR (status = 'retrying' AND next_run_at < now() - make_interval(secs => %(grace_seconds)s))
+             OR (status = 'running' AND lease_expires_at < now()))
+           AND (rescued_at IS NULL OR rescued_at < now() - make_interval(secs => %(grace_seconds)s))
+           AND (claimed_until IS NULL OR claimed_until < now())
+         ORDER BY id
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) lost
+ WHERE j.id = lost.id
+RETURNING j.id, j.task, j.payload, j.celery_task_id
+
+-- name: mark_rescued
+-- After the broker confirmed the re-sent messages.
+UPDATE outbox_job
+   SET rescued_at = now(), rescue_count = rescue_count + 1, publish_count = publish_count + 1,
+       claimed_until = NULL
+ WHERE id = ANY(%(ids)s)
+
+-- name: release_rescue_claims
+UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s)
+
 -- name: start_job
 SELECT outcome, attempt, payload, coalescing_key, extract(epoch FROM retry_after)::float8 AS retry_after_s
   FROM outbox_start(%(job_id)s, %(redelivered)s, make_interval(secs => %(lease_seconds)s), %(resume_attempt)s)

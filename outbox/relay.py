@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class Relay:
         claim_lease_seconds: float = 30.0,
         poll_seconds: float = 1.0,
         max_error_backoff_seconds: float = 5.0,
+        rescue_after_seconds: float = 300.0,
+        rescue_interval_seconds: float = 30.0,
         probe: Probe = no_probe,
     ) -> None:
         self._connect = connect
@@ -75,15 +78,45 @@ class Relay:
         self._poll_seconds = poll_seconds
         self._max_error_backoff = max_error_backoff_seconds
         self._probe = probe
+        #: A job is presumed lost this long after it should have started (published or due).
+        self._rescue_after_seconds = rescue_after_seconds
+        self._rescue_interval_seconds = rescue_interval_seconds
 
     def run_pass(self, conn: psycopg.Connection) -> PassResult:
         """One claim → publish → mark cycle on an open connection (not in a transaction)."""
+        return self._cycle(
+            conn,
+            claim=("claim_due_jobs", {"lease_seconds": self._claim_lease_seconds, "limit": self._batch_size}),
+            mark="mark_published",
+            release="release_claims",
+        )
+
+    def rescue_pass(self, conn: psycopg.Connection) -> PassResult:
+        """Re-sends the messages of jobs that look lost (G7), with their fixed task ids.
+
+        A message can vanish after the relay handed it over: a Redis broker that restarted
+        without persistence, a purged queue, a worker killed after its retry was recorded but
+        before the retry message left. Postgres still knows the job is unfinished, so it is
+        sent again; the worker's fenced start makes a needless re-send a no-op.
+        """
+        return self._cycle(
+            conn,
+            claim=("claim_lost_jobs", {
+                "lease_seconds": self._claim_lease_seconds,
+                "grace_seconds": self._rescue_after_seconds,
+                "limit": self._batch_size,
+            }),
+            mark="mark_rescued",
+            release="release_rescue_claims",
+        )
+
+    def _cycle(
+        self, conn: psycopg.Connection, *, claim: tuple[str, dict[str, Any]], mark: str, release: str
+    ) -> PassResult:
+        query, params = claim
         with conn.transaction():
             with conn.cursor() as cur:
-                cur.execute(
-                    QUERIES["claim_due_jobs"],
-                    {"lease_seconds": self._claim_lease_seconds, "limit": self._batch_size},
-                )
+                cur.execute(QUERIES[query], params)
                 rows = cur.fetchall()
         if not rows:
             return PassResult(0, 0)
@@ -100,10 +133,10 @@ class Relay:
         with conn.transaction():
             with conn.cursor() as cur:
                 if published:
-                    cur.execute(QUERIES["mark_published"], {"ids": published})
+                    cur.execute(QUERIES[mark], {"ids": published})
                 unpublished = sorted({m.job_id for m in messages} - set(published))
                 if unpublished:
-                    cur.execute(QUERIES["release_claims"], {"ids": unpublished})
+                    cur.execute(QUERIES[release], {"ids": unpublished})
         self._probe("relay.after_mark")
         if failure is not None:
             raise failure
@@ -127,8 +160,14 @@ class Relay:
                     conn.autocommit = False
                     backoff = 0.0
                     log.info("relay connected; publishing due jobs")
+                    next_rescue = time.monotonic()
                     while not stop.is_set():
                         self.drain(conn)
+                        if time.monotonic() >= next_rescue:
+                            rescued = self.rescue_pass(conn)
+                            if rescued.published:
+                                log.warning("re-sent %s job(s) whose message looked lost", rescued.published)
+                            next_rescue = time.monotonic() + self._rescue_interval_seconds
                         conn.commit()  # end the implicit read transaction before waiting
                         next(wakeups)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:

@@ -104,6 +104,8 @@ class Runtime:
             batch_size=s.relay_batch_size,
             claim_lease_seconds=s.relay_claim_lease_seconds,
             poll_seconds=s.relay_poll_seconds,
+            rescue_after_seconds=s.rescue_after_seconds,
+            rescue_interval_seconds=s.rescue_interval_seconds,
             probe=probe_from_spec(s.fault),
         )
 

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=500, ge=1, le=10000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
     relay_claim_lease_seconds: float = Field(default=30.0, gt=0)
+    #: Rescue (G7): a job published or due this long ago that has not started is presumed
+    #: lost and its message re-sent; relays look for such jobs every rescue_interval_seconds.
+    rescue_after_seconds: float = Field(default=300.0, gt=0)
+    rescue_interval_seconds: float = Field(default=30.0, gt=0)
     #: Bound on one publish attempt when the broker hangs.
     broker_timeout_seconds: float = Field(default=10.0, gt=0)
 
