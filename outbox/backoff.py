@@ -18,6 +18,7 @@ about t = 0, 10, 30, 70 and 150 s (each gap +-20 %) and is DEAD after the fifth 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ class RetryPolicy:
     jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.base_seconds <= 0 or self.max_seconds <= 0:
-            raise ValueError("base_seconds and max_seconds must be positive")
+        # Written so that NaN fails too: a NaN or infinite delay would reach Celery as a countdown.
+        if not (0 < self.base_seconds < math.inf and 0 < self.max_seconds < math.inf):
+            raise ValueError("base_seconds and max_seconds must be positive and finite")
         if not 0 <= self.jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
 
@@ -44,7 +46,9 @@ class RetryPolicy:
     def delay(self, failed_attempt: int, rand: Callable[[], float] = random.random) -> float:
         nominal = self.nominal_delay(failed_attempt)
         spread = nominal * self.jitter
-        return min(self.max_seconds, nominal - spread + 2 * spread * rand())
+        low, high = self.bounds(failed_attempt)
+        # Clamped so float rounding can never put a delay a hair outside bounds().
+        return min(high, max(low, nominal - spread + 2 * spread * rand()))
 
     def bounds(self, failed_attempt: int) -> tuple[float, float]:
         nominal = self.nominal_delay(failed_attempt)

@@ -12,17 +12,28 @@ from pathlib import Path
 from types import MappingProxyType
 
 _NAME = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+#: Any line that looks like a name line. One that _NAME does not accept would otherwise be read
+#: as a comment inside the previous query, and its query would silently not exist.
+_NAME_LIKE = re.compile(r"^--\s*name\s*:.*$", re.MULTILINE | re.IGNORECASE)
 
 
 def load_named_queries(path: Path) -> Mapping[str, str]:
     text = path.read_text(encoding="utf-8")
     parts = _NAME.split(text)
+    for chunk in parts[0::2]:
+        if malformed := _NAME_LIKE.search(chunk):
+            raise ValueError(f"{path}: malformed name line {malformed.group(0)!r}; use '-- name: <snake_case>'")
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"{path}: query {name!r} is defined twice")
         statement = body.strip()
-        if not statement:
+        if not _has_sql(statement):
             raise ValueError(f"{path}: query {name!r} is empty")
         queries[name] = statement
     return MappingProxyType(queries)
+
+
+def _has_sql(statement: str) -> bool:
+    """A description with no statement under it is still an empty query."""
+    return any(line.strip() and not line.lstrip().startswith("--") for line in statement.splitlines())

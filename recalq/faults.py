@@ -28,6 +28,9 @@ def probe_from_spec(spec: str | None) -> Callable[[str], None]:
                 os.kill(os.getpid(), signal.SIGKILL)
         return kill
     if action.startswith("wait:"):
+        if not action.removeprefix("wait:"):
+            # Path("") is ".", which always exists: the wait would silently never pause.
+            raise ValueError(f"fault action 'wait:' needs a path, got {spec!r}")
         gate = Path(action.removeprefix("wait:"))
 
         def wait(reached: str) -> None:

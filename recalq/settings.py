@@ -7,11 +7,17 @@ child processes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: RabbitMQ's default consumer_timeout (30 min): a delivery left unacknowledged longer closes its
+#: channel. A late-acked retry stays unacknowledged through its countdown and then its run.
+RABBITMQ_CONSUMER_TIMEOUT_SECONDS = 1800.0
+#: `scheme://`: urlsplit alone would take "localhost:5432/db" for a URL with scheme "localhost".
+_URL_WITH_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Settings(BaseSettings):
@@ -83,9 +89,17 @@ class Settings(BaseSettings):
             raise ValueError("retry_base_seconds must not exceed retry_max_seconds")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
+        # Busy retries are jittered up to +20 % (services/recalculation.py).
+        longest_countdown = max(self.retry_max_seconds, self.infra_retry_max_seconds, 1.2 * self.busy_retry_seconds)
+        if longest_countdown + self.task_time_limit >= RABBITMQ_CONSUMER_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"the longest retry countdown ({longest_countdown:g} s) plus task_time_limit must stay below "
+                f"{RABBITMQ_CONSUMER_TIMEOUT_SECONDS:g} s (RabbitMQ's consumer_timeout, and well below the Redis "
+                "visibility timeout), or a waiting retry is redelivered and runs twice"
+            )
         for name in ("database_url", "broker_url"):
             url = getattr(self, name)
-            if url is not None and not urlsplit(url).scheme:
+            if url is not None and not _URL_WITH_SCHEME.match(url):
                 raise ValueError(f"{name} must be a URL with a scheme, got {url!r}")
         return self
 

@@ -76,13 +76,16 @@ class ScoringInputs:
         return cls(has_gas_supply, tuple(sorted(documents, key=lambda d: d.id)))
 
     def fingerprint(self) -> str:
-        """Identifies everything the score depends on except the date (and the formula version)."""
+        """Identifies everything the score depends on except the date (and the formula version).
+
+        Sorted here, not only in `of`, so inputs built in any document order share one fingerprint.
+        """
         canonical = {
             "version": VERSION,
             "has_gas_supply": self.has_gas_supply,
             "documents": [
                 [d.id, d.requirement_code, str(d.status), _iso(d.expires_at)]
-                for d in self.documents
+                for d in sorted(self.documents, key=lambda d: d.id)
                 if d.requirement_code in WEIGHTS
             ],
         }
