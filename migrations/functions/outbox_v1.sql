@@ -33,7 +33,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = format('known tasks: %s', coalesce(v_known, '(none registered)'));
     END IF;
-    IF p_coalescing_key IS NULL OR btrim(p_coalescing_key) = '' THEN
+    IF p_coalescing_key IS NULL OR p_coalescing_key !~ '[^[:space:]]' THEN  -- blank: spaces, tabs, newlines
         RAISE EXCEPTION 'outbox_enqueue: coalescing_key must be a non-empty string'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -49,7 +49,7 @@ BEGIN
         RAISE EXCEPTION 'outbox_enqueue: payload is % bytes; the limit is 8192 (carry ids, not data)', octet_length(p_payload::text)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF p_correlation_id IS NULL OR btrim(p_correlation_id) = '' OR length(p_correlation_id) > 200 THEN
+    IF p_correlation_id IS NULL OR p_correlation_id !~ '[^[:space:]]' OR length(p_correlation_id) > 200 THEN
         RAISE EXCEPTION 'outbox_enqueue: correlation_id must be a non-empty string of at most 200 characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -95,7 +95,12 @@ BEGIN
     RETURNING r.id INTO v_request;
 
     IF v_request IS NULL THEN
-        -- A concurrent transaction committed the same request first; answer with it.
+        -- A concurrent transaction committed the same request first; answer with it. If its job
+        -- started while we waited, we created a job of our own that nothing asked for: drop it
+        -- (no one else can see it yet), or a repeat would cost an extra run.
+        IF v_new_job THEN
+            DELETE FROM outbox_job WHERE id = v_job;
+        END IF;
         SELECT r.job_id, r.id INTO v_job, v_request
           FROM outbox_request r
          WHERE r.coalescing_key = p_coalescing_key AND r.correlation_id = p_correlation_id;
