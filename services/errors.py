@@ -49,9 +49,11 @@ class InvalidTransition(ServiceError):
 class DuplicateRequest(ServiceError):
     """This correlation id was accepted before; the request changed nothing."""
 
-    def __init__(self, correlation_id: str, job_id: int) -> None:
-        super().__init__(f"correlation id {correlation_id!r} was already accepted (job {job_id})")
+    def __init__(self, correlation_id: str, job_id: int | None) -> None:
+        job = f" (job {job_id})" if job_id is not None else ""
+        super().__init__(f"correlation id {correlation_id!r} was already accepted{job}")
         self.correlation_id = correlation_id
+        #: The job the first request joined; None for a provisioning that created no property.
         self.job_id = job_id
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import psycopg
 
 from services import audit
-from services.errors import ClientNotFound, InvalidInput
+from services.errors import ClientNotFound, DuplicateRequest, InvalidInput
 from services.queries import QUERIES
 from services.recalc_requests import request_recalculation
 from services.vocabulary import Actor, AuditAction, TriggerReason
@@ -47,10 +47,16 @@ def create_property(
     actor: Actor,
     correlation_id: str,
 ) -> CreatedProperty:
+    """Creates one property; a replayed correlation id creates nothing and raises DuplicateRequest."""
     new.validate()
     with conn.transaction():
-        if conn.execute(QUERIES["client_exists"], {"client_id": client_id}).fetchone() is None:
+        if conn.execute(QUERIES["lock_client_for_create"], {"client_id": client_id}).fetchone() is None:
             raise ClientNotFound(f"client {client_id} does not exist")
+        first = conn.execute(
+            QUERIES["property_created_by_request"], {"client_id": client_id, "correlation_id": correlation_id}
+        ).fetchone()
+        if first is not None:
+            raise DuplicateRequest(correlation_id, first[0])
         return _insert_property(
             conn, client_id, new, actor, correlation_id, TriggerReason.PROPERTY_CREATE
         )
@@ -64,7 +70,9 @@ def provision_client(
     actor: Actor,
     correlation_id: str,
 ) -> ProvisionedClient:
-    """Creates a client with its properties in one transaction, each property queued for scoring."""
+    """Creates a client with its properties in one transaction, each property queued for scoring.
+
+    A replayed correlation id creates nothing and raises DuplicateRequest."""
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
         raise InvalidInput("client name must be 1 to 200 characters")
     if len(properties) > 1000:
@@ -72,6 +80,12 @@ def provision_client(
     for new in properties:
         new.validate()
     with conn.transaction():
+        conn.execute(QUERIES["lock_clients_for_provisioning"])
+        first = conn.execute(
+            QUERIES["client_provisioned_by_request"], {"correlation_id": correlation_id}
+        ).fetchone()
+        if first is not None:
+            raise DuplicateRequest(correlation_id, first[1])
         row = conn.execute(QUERIES["insert_client"], {"name": name.strip()}).fetchone()
         assert row is not None
         client_id = row[0]

@@ -9,8 +9,37 @@ INSERT INTO properties (client_id, name, has_gas_supply)
 VALUES (%(client_id)s, %(name)s, %(has_gas_supply)s)
 RETURNING id
 
--- name: client_exists
-SELECT 1 FROM clients WHERE id = %(client_id)s
+-- name: lock_client_for_create
+-- Serialises creations for one client, so a replayed creation waits for the first and sees it.
+-- NO KEY UPDATE leaves the key-share locks of inserted properties' foreign keys alone.
+SELECT 1 FROM clients WHERE id = %(client_id)s FOR NO KEY UPDATE
+
+-- name: property_created_by_request
+-- The job of the property this client already created under this correlation id (a replay).
+SELECT r.job_id
+  FROM properties p
+  JOIN outbox_request r ON r.coalescing_key = 'property:' || p.id AND r.correlation_id = %(correlation_id)s
+ WHERE p.client_id = %(client_id)s AND r.trigger_reason = 'property_create'
+ ORDER BY p.id
+ LIMIT 1
+
+-- name: lock_clients_for_provisioning
+-- Serialises provisioning (rare, admin-driven), so a replay waits for the first and sees its
+-- audit row. Does not conflict with row locks or foreign-key checks on clients.
+LOCK TABLE clients IN SHARE ROW EXCLUSIVE MODE
+
+-- name: client_provisioned_by_request
+-- The client a provisioning with this correlation id created, and the job of its first property.
+SELECT a.client_id,
+       (SELECT r.job_id
+          FROM properties p
+          JOIN outbox_request r ON r.coalescing_key = 'property:' || p.id AND r.correlation_id = a.correlation_id
+         WHERE p.client_id = a.client_id
+         ORDER BY p.id
+         LIMIT 1) AS job_id
+  FROM audit_log a
+ WHERE a.action = 'CLIENT_PROVISIONED' AND a.correlation_id = %(correlation_id)s
+ LIMIT 1
 
 -- name: lock_property
 -- Serialises every change of one property with its recalculation.
@@ -26,6 +55,10 @@ INSERT INTO documents (property_id, requirement_code, status, expires_at, file_n
 VALUES (%(property_id)s, %(requirement_code)s, %(status)s, %(expires_at)s, %(file_name)s,
         %(size_bytes)s, %(sha256)s, %(source)s)
 RETURNING id
+
+-- name: document_property
+-- The property of a document, deleted or not: a replayed change must reach the replay check.
+SELECT property_id FROM documents WHERE id = %(document_id)s
 
 -- name: live_document
 -- A document that is not deleted, with its property.
