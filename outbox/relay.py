@@ -152,31 +152,40 @@ class Relay:
                 return total
 
     def run(self, stop: threading.Event) -> None:
-        """Relays until `stop` is set, surviving database and broker outages."""
+        """Relays until `stop` is set, surviving database and broker outages.
+
+        A broker outage keeps the database connection (nothing is wrong with it) and backs
+        off between attempts; a database outage reconnects with the same backoff. The delay
+        grows with consecutive failures and resets after the first pass that works.
+        """
         backoff = 0.0
         while not stop.is_set():
             try:
                 with self._connect() as conn, self._listen() as wakeups:
                     conn.autocommit = False
-                    backoff = 0.0
                     log.info("relay connected; publishing due jobs")
                     next_rescue = time.monotonic()
                     while not stop.is_set():
-                        self.drain(conn)
-                        if time.monotonic() >= next_rescue:
-                            rescued = self.rescue_pass(conn)
-                            if rescued.published:
-                                log.warning("re-sent %s job(s) whose message looked lost", rescued.published)
-                            next_rescue = time.monotonic() + self._rescue_interval_seconds
+                        try:
+                            self.drain(conn)
+                            if time.monotonic() >= next_rescue:
+                                rescued = self.rescue_pass(conn)
+                                if rescued.published:
+                                    log.warning("re-sent %s job(s) whose message looked lost", rescued.published)
+                                next_rescue = time.monotonic() + self._rescue_interval_seconds
+                        except PublishFailed as exc:
+                            backoff = self._next_backoff(backoff)
+                            log.warning("broker refused a batch (%s); retrying in %.1fs", exc, backoff)
+                            conn.rollback()
+                            stop.wait(backoff)
+                            continue
+                        backoff = 0.0
                         conn.commit()  # end the implicit read transaction before waiting
                         next(wakeups)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 backoff = self._next_backoff(backoff)
                 log.warning("relay lost the database (%s); retrying in %.1fs", exc, backoff)
-            except PublishFailed as exc:
-                backoff = self._next_backoff(backoff)
-                log.warning("broker refused a batch (%s); retrying in %.1fs", exc, backoff)
-            stop.wait(backoff)
+                stop.wait(backoff)
 
     def _next_backoff(self, current: float) -> float:
         return min(self._max_error_backoff, max(0.1, current * 2))

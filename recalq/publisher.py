@@ -41,6 +41,9 @@ class CeleryPublisher:
                         task_id=str(current.task_id),
                         queue=self._queue,
                         producer=producer,
+                        # The relay retries a refused batch itself, with backoff; Celery's
+                        # own publish retries would stretch one failure past the claim lease.
+                        retry=False,
                     )
                     published.append(current.job_id)
         except self._errors as exc:
