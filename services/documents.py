@@ -48,6 +48,9 @@ class NewDocument:
         validate_expiry(self.expires_at)
         if not isinstance(self.status, DocumentStatus):
             raise InvalidInput(f"status must be one of {', '.join(DocumentStatus)}")
+        if self.status is DocumentStatus.REJECTED:
+            # A rejection needs a reviewer's reason: upload, then reject_document.
+            raise InvalidInput("a new document must be pending_verification or verified; reject it afterwards")
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,5 +84,6 @@ def assert_invariants(conn: psycopg.Connection, property_ids: list[int] | None =
                 OR (status = 'dead' AND last_error IS NULL)"""
         ).fetchall()
         assert not bad_attempts, f"I5: {bad_attempts}"
-        locks = cur.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        locks = cur.execute("SELECT count(*) AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND d.datname = current_database()").fetchone()
         assert locks["n"] == 0, "I6: advisory locks left behind"
