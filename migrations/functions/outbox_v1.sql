@@ -199,10 +199,17 @@ BEGIN
 
     -- At most one running job per key: a live one makes us wait; a lost one is superseded,
     -- because this run reads the current state and so covers every request the lost run had.
-    SELECT * INTO r FROM outbox_job
-     WHERE outbox_job.coalescing_key = j.coalescing_key AND status = 'running'
-       FOR UPDATE;
-    IF FOUND THEN
+    BEGIN
+        SELECT * INTO r FROM outbox_job
+         WHERE outbox_job.coalescing_key = j.coalescing_key AND status = 'running'
+           FOR UPDATE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        -- The running job's row is locked because it is committing its effects right now: it is
+        -- alive. Answer busy instead of holding this worker until that commit.
+        RETURN QUERY SELECT 'busy'::text, j.attempts, j.payload, j.coalescing_key, NULL::interval;
+        RETURN;
+    END;
+    IF r.id IS NOT NULL THEN
         IF r.lease_expires_at >= now() THEN
             RETURN QUERY SELECT 'busy'::text, j.attempts, j.payload, j.coalescing_key, NULL::interval;
             RETURN;

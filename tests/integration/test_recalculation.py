@@ -659,3 +659,31 @@ def test_a_job_whose_property_has_another_job_running_waits_without_spending_an_
     assert (job(db, job_b)["status"], job(db, job_b)["attempts"]) == ("done", 1)
     assert prop(db, property_id)["compliance_score_pending"] is False
     assert_invariants(db)
+
+
+def test_a_job_whose_property_has_another_job_committing_answers_busy_at_once_instead_of_waiting(
+    db: psycopg.Connection, make_recalculator: MakeRecalculator, database_url: str,
+    background: ThreadPoolExecutor,
+) -> None:
+    property_id, job_a = new_property(db)
+    slow = Connections(database_url)
+    stalled = slow.hold(1)  # job A has started; its apply has not begun
+    probe = Probe()
+    applying = probe.pause_at("recalculation.after_read_state")  # inside A's apply: its job row is locked
+    running = background.submit(make_recalculator(connections=slow, probe=probe).run, job_a)
+    stalled.wait_reached()
+    job_b = upload(db, property_id, new_document("epc"))
+    stalled.release.set()
+    applying.wait_reached()
+
+    # Before NOWAIT, this start blocked on A's locked row until A committed, holding a worker.
+    busy = background.submit(make_recalculator().run, job_b).result(TIMEOUT / 2)
+
+    assert isinstance(busy, RetryLater), busy
+    assert (busy.counted, busy.infrastructure) == (False, False)
+    assert (job(db, job_b)["status"], job(db, job_b)["attempts"]) == ("pending", 0)
+    applying.release.set()
+    assert isinstance(running.result(TIMEOUT), Applied)
+    assert isinstance(make_recalculator().run(job_b), Applied)
+    assert prop(db, property_id)["compliance_score_pending"] is False
+    assert_invariants(db)
