@@ -33,8 +33,9 @@ UPDATE outbox_job
  WHERE id = ANY(%(ids)s) AND status = 'pending'
 
 -- name: release_claims
--- Rows the broker refused go back to the relay at once instead of waiting out the lease.
-UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s) AND status = 'pending'
+-- Rows the broker refused (due or rescued) go back to the relays at once instead of waiting
+-- out the lease. claimed_until means nothing outside a claim, so no status guard is needed.
+UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s)
 
 -- name: claim_lost_jobs
 -- Jobs whose message looks lost, claimed for re-sending under the same short lease as a
@@ -64,9 +65,6 @@ UPDATE outbox_job
    SET rescued_at = now(), rescue_count = rescue_count + 1, publish_count = publish_count + 1,
        claimed_until = NULL
  WHERE id = ANY(%(ids)s)
-
--- name: release_rescue_claims
-UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s)
 
 -- name: start_job
 SELECT outcome, attempt, payload, coalescing_key, extract(epoch FROM retry_after)::float8 AS retry_after_s

@@ -88,7 +88,6 @@ class Relay:
             conn,
             claim=("claim_due_jobs", {"lease_seconds": self._claim_lease_seconds, "limit": self._batch_size}),
             mark="mark_published",
-            release="release_claims",
         )
 
     def rescue_pass(self, conn: psycopg.Connection) -> PassResult:
@@ -107,11 +106,10 @@ class Relay:
                 "limit": self._batch_size,
             }),
             mark="mark_rescued",
-            release="release_rescue_claims",
         )
 
     def _cycle(
-        self, conn: psycopg.Connection, *, claim: tuple[str, dict[str, Any]], mark: str, release: str
+        self, conn: psycopg.Connection, *, claim: tuple[str, dict[str, Any]], mark: str
     ) -> PassResult:
         query, params = claim
         with conn.transaction():
@@ -136,7 +134,7 @@ class Relay:
                     cur.execute(QUERIES[mark], {"ids": published})
                 unpublished = sorted({m.job_id for m in messages} - set(published))
                 if unpublished:
-                    cur.execute(QUERIES[release], {"ids": unpublished})
+                    cur.execute(QUERIES["release_claims"], {"ids": unpublished})
         self._probe("relay.after_mark")
         if failure is not None:
             raise failure

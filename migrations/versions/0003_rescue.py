@@ -22,10 +22,8 @@ def upgrade() -> None:
         ALTER TABLE outbox_job
             ADD COLUMN rescued_at   timestamptz,
             ADD COLUMN rescue_count integer NOT NULL DEFAULT 0 CHECK (rescue_count >= 0);
-
-        -- The rescue scan looks only at jobs that have left the relay's hands and not finished.
-        CREATE INDEX ix_outbox_job_in_flight ON outbox_job (status, id)
-            WHERE status IN ('published', 'retrying', 'running');
+        -- The rescue scan needs no index of its own: ix_outbox_job_status_next_run_at finds
+        -- jobs by status, and another index would cost a write on every status transition.
         """
     )
 
@@ -33,7 +31,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
-        DROP INDEX IF EXISTS ix_outbox_job_in_flight;
         ALTER TABLE outbox_job DROP COLUMN IF EXISTS rescue_count, DROP COLUMN IF EXISTS rescued_at;
         """
     )
