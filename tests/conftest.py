@@ -37,6 +37,16 @@ def database_url(db_factory: DatabaseFactory) -> Iterator[str]:
     db_factory.drop(url)
 
 
+@pytest.fixture(scope="module")
+def module_database_url(db_factory: DatabaseFactory) -> Iterator[str]:
+    """A fresh database at migration head shared by one module's tests, for modules whose tests
+    cannot see each other's rows (each uses its own keys or checks it left nothing behind) and
+    so need not pay for a database each."""
+    url = db_factory.create()
+    yield url
+    db_factory.drop(url)
+
+
 @pytest.fixture
 def conn(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url) as connection:

@@ -24,7 +24,6 @@ from outbox import lifecycle
 from services.documents import add_documents
 from services.vocabulary import Actor, ActorType, TriggerReason
 from tests.harness.data import cid, new_document, provision
-from tests.harness.databases import DatabaseFactory
 from tests.harness.system import wait_until
 
 TASK = "compliance.recalculate_property"
@@ -259,18 +258,9 @@ def test_the_partial_unique_index_refuses_a_second_running_job_of_a_key(conn: ps
 # --- validation ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def empty_database_url(db_factory: DatabaseFactory) -> Iterator[str]:
-    """One migrated database shared by tests that must never commit anything. They all check
-    it is still empty, so a leak in one case shows up; and they skip a database each."""
-    url = db_factory.create()
-    yield url
-    db_factory.drop(url)
-
-
 @pytest.fixture
-def refused_conn(empty_database_url: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(empty_database_url) as connection:
+def refused_conn(module_database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(module_database_url) as connection:
         yield connection
         connection.rollback()
 
@@ -310,7 +300,7 @@ def _as_sql_args(overrides: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("overrides", "rule"), INVALID)
 def test_the_sql_contract_refuses_bad_input_with_22023_naming_the_rule(
-    refused_conn: psycopg.Connection, empty_database_url: str, overrides: dict[str, Any], rule: str
+    refused_conn: psycopg.Connection, module_database_url: str, overrides: dict[str, Any], rule: str
 ) -> None:
     enqueue_sql(refused_conn, "property:ok", "corr-ok")  # written earlier in the same transaction
 
@@ -321,7 +311,7 @@ def test_the_sql_contract_refuses_bad_input_with_22023_naming_the_rule(
     assert rule in refused.value.diag.message_primary
     assert refused_conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
     refused_conn.commit()  # the server turns the aborted transaction's COMMIT into a ROLLBACK
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 def test_an_sql_null_payload_is_refused_naming_the_rule(refused_conn: psycopg.Connection) -> None:
@@ -343,7 +333,7 @@ def test_an_unknown_task_is_refused_with_the_known_tasks_in_the_hint(refused_con
 
 @pytest.mark.parametrize(("overrides", "rule"), INVALID)
 def test_python_enqueue_raises_invalid_enqueue_naming_the_rule_and_writes_nothing(
-    refused_conn: psycopg.Connection, empty_database_url: str, overrides: dict[str, Any], rule: str
+    refused_conn: psycopg.Connection, module_database_url: str, overrides: dict[str, Any], rule: str
 ) -> None:
     enqueue_py(refused_conn, "property:ok", "corr-ok")
     overrides = dict(overrides)
@@ -357,14 +347,14 @@ def test_python_enqueue_raises_invalid_enqueue_naming_the_rule_and_writes_nothin
     assert isinstance(refused.value.__cause__, errors.InvalidParameterValue)
     assert refused_conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
     refused_conn.commit()
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 # --- G1: atomicity ---------------------------------------------------------------------------
 
 
 def test_an_enqueue_in_a_transaction_that_rolls_back_leaves_no_job_and_no_request(
-    refused_conn: psycopg.Connection, empty_database_url: str
+    refused_conn: psycopg.Connection, module_database_url: str
 ) -> None:
     with refused_conn.transaction():
         enqueue_py(refused_conn, correlation_id="corr-1")
@@ -372,7 +362,7 @@ def test_an_enqueue_in_a_transaction_that_rolls_back_leaves_no_job_and_no_reques
         assert refused_conn.execute("SELECT count(*) FROM outbox_request").fetchone() == (2,)
         raise psycopg.Rollback()
 
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 def test_a_document_upload_rolled_back_by_the_outer_transaction_leaves_no_trace(
@@ -469,13 +459,13 @@ def test_enqueue_joins_the_callers_transaction_and_never_commits_by_itself(datab
 
 @pytest.mark.parametrize("make_caller", CALLERS)
 def test_enqueue_on_any_connection_kind_raises_invalid_enqueue_for_a_refused_request(
-    empty_database_url: str, make_caller
+    module_database_url: str, make_caller
 ) -> None:
-    with make_caller(empty_database_url) as caller:
+    with make_caller(module_database_url) as caller:
         with pytest.raises(outbox.InvalidEnqueue, match="max_attempts must be between 1 and 100, got 0"):
             enqueue_py(caller.handle, max_attempts=0)
         caller.rollback()
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -487,14 +477,14 @@ def test_enqueue_on_something_that_is_not_an_open_connection_raises_type_error(n
         enqueue_py(not_a_connection)
 
 
-def test_enqueue_on_a_sqlalchemy_engine_raises_type_error(empty_database_url: str) -> None:
-    engine = create_engine(empty_database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+def test_enqueue_on_a_sqlalchemy_engine_raises_type_error(module_database_url: str) -> None:
+    engine = create_engine(module_database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
         with pytest.raises(TypeError, match="got Engine"):
             enqueue_py(engine)
     finally:
         engine.dispose()
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 # --- NOTIFY ----------------------------------------------------------------------------------
@@ -664,12 +654,12 @@ def test_a_verification_request_without_mark_pending_leaves_the_generation_alone
 
 
 def test_a_recalculation_request_for_an_unknown_property_is_refused_with_22023(
-    refused_conn: psycopg.Connection, empty_database_url: str
+    refused_conn: psycopg.Connection, module_database_url: str
 ) -> None:
     with pytest.raises(errors.InvalidParameterValue, match="property 999999 does not exist"):
         refused_conn.execute(RECALC_SQL, [999_999, "svc-1", True])
     refused_conn.rollback()
-    assert committed_counts(empty_database_url) == (0, 0)
+    assert committed_counts(module_database_url) == (0, 0)
 
 
 # --- a repeat racing a worker's start --------------------------------------------------------

@@ -17,26 +17,15 @@ from psycopg import errors
 import outbox
 from outbox import lifecycle
 from outbox.lifecycle import FailOutcome, StartOutcome
-from tests.harness.databases import DatabaseFactory
 
 TASK = "compliance.recalculate_property"
 LEASE = 60.0
 
 
-@pytest.fixture(scope="module")
-def lifecycle_database_url(db_factory: DatabaseFactory) -> Iterator[str]:
-    """One database for the whole module. Every lifecycle function acts on one job and its
-    key's jobs only, so tests that each use their own key cannot see each other; a fresh
-    database per test would cost more than all the lifecycle calls together."""
-    url = db_factory.create()
-    yield url
-    db_factory.drop(url)
-
-
 @pytest.fixture
-def conn(lifecycle_database_url: str) -> Iterator[psycopg.Connection]:
+def conn(module_database_url: str) -> Iterator[psycopg.Connection]:
     """Overrides the conftest `conn`: a connection to this module's shared database."""
-    with psycopg.connect(lifecycle_database_url) as connection:
+    with psycopg.connect(module_database_url) as connection:
         yield connection
         connection.rollback()
 

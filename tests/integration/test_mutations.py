@@ -44,7 +44,6 @@ from services.recalculation import Applied, RecalculationPolicy, Recalculator
 from services.scoring import DocumentStatus
 from services.vocabulary import Actor, ActorType, TriggerReason
 from tests.harness.data import ADMIN, cid, new_document, provision, upload
-from tests.harness.databases import DatabaseFactory
 
 TODAY = date(2026, 3, 2)
 CLIENT = Actor(ActorType.CLIENT, "client-1")
@@ -71,35 +70,25 @@ class World:
     deleted_document: int
 
 
-@pytest.fixture(scope="module")
-def shared_database(db_factory: DatabaseFactory) -> Iterator[str]:
-    """One fresh database for the module. Each test builds its own client and property in it
-    and compares whole tables before and after, so the tests stay independent while the module
-    pays for one database instead of forty."""
-    url = db_factory.create()
-    yield url
-    db_factory.drop(url)
-
-
 @pytest.fixture
-def db(shared_database: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(shared_database, autocommit=True) as conn:
+def db(module_database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(module_database_url, autocommit=True) as conn:
         yield conn
 
 
 @pytest.fixture
-def world(db: psycopg.Connection, shared_database: str) -> World:
-    return build_world(db, shared_database)
+def world(db: psycopg.Connection, module_database_url: str) -> World:
+    return build_world(db, module_database_url)
 
 
 @pytest.fixture(scope="module")
-def untouched_world(shared_database: str) -> World:
+def untouched_world(module_database_url: str) -> World:
     """One world for the tests that must change nothing: each checks that it did not."""
-    with psycopg.connect(shared_database, autocommit=True) as db:
-        return build_world(db, shared_database)
+    with psycopg.connect(module_database_url, autocommit=True) as db:
+        return build_world(db, module_database_url)
 
 
-def build_world(db: psycopg.Connection, shared_database: str) -> World:
+def build_world(db: psycopg.Connection, module_database_url: str) -> World:
     [property_id] = provision(db)
     upload(db, property_id, new_document("gas_safety"), new_document("eicr"), new_document("epc"))
     pending, verified, deleted = [
@@ -108,7 +97,7 @@ def build_world(db: psycopg.Connection, shared_database: str) -> World:
     delete_document(db, document_id=deleted, actor=ADMIN, trigger=TriggerReason.ADMIN_DELETE, correlation_id=cid())
     [job] = rows(db, "SELECT id FROM outbox_job WHERE status = 'pending' AND coalescing_key = %s",
                  f"property:{property_id}")
-    recalculator = Recalculator(connection=lambda: psycopg.connect(shared_database), policy=POLICY,
+    recalculator = Recalculator(connection=lambda: psycopg.connect(module_database_url), policy=POLICY,
                                 today=lambda: TODAY)
     assert isinstance(recalculator.run(job["id"]), Applied)
     client_id = prop(db, property_id)["client_id"]
@@ -441,13 +430,13 @@ def test_replaying_a_correlation_id_raises_duplicate_request_and_changes_nothing
     ids=["create_property", "provision_client", "upload"],
 )
 def test_two_concurrent_requests_with_one_correlation_id_are_accepted_once(
-    db: psycopg.Connection, shared_database: str, world: World, mutate: Mutation, requests: int, audit_rows: int
+    db: psycopg.Connection, module_database_url: str, world: World, mutate: Mutation, requests: int, audit_rows: int
 ) -> None:
     correlation_id = cid()
     together = threading.Barrier(2, timeout=10)
 
     def send() -> int | DuplicateRequest:
-        with psycopg.connect(shared_database, autocommit=True) as own:
+        with psycopg.connect(module_database_url, autocommit=True) as own:
             together.wait()
             try:
                 return mutate(own, world, correlation_id)
