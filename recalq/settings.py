@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: RabbitMQ's default consumer_timeout (30 min): a delivery left unacknowledged longer closes its
 #: channel. A late-acked retry stays unacknowledged through its countdown and then its run.
@@ -73,8 +74,38 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     worker_concurrency: int = Field(default=2, ge=1)
 
+    #: HTTP API (`recalq api`, and part of `recalq up`). Loopback unless told otherwise.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    #: Admin API keys (X-API-Key), comma-separated. Several at once let a key be rotated
+    #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
+    #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.
+    admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    #: Uploaded documents, content-addressed by SHA-256. Default: DATA_DIR/documents.
+    storage_dir: Path | None = None
+    #: Upload limits: one file, one whole request (multipart or ZIP), and a ZIP's contents.
+    max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(default=60 * 1024 * 1024, ge=1)
+    max_zip_total_uncompressed_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    max_zip_ratio: float = Field(default=100.0, gt=1)
+
     #: Test hook, e.g. "relay.after_publish=kill"; see recalq/faults.py. Never set in production.
     fault: str | None = None
+
+    @field_validator("admin_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("admin_api_keys")
+    @classmethod
+    def _keys_are_long_enough(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for key in value:
+            if len(key.get_secret_value()) < 24:
+                raise ValueError("every admin API key must be at least 24 characters (use `recalq new-key`)")
+        return value
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Settings:
@@ -97,11 +128,17 @@ class Settings(BaseSettings):
                 f"{RABBITMQ_CONSUMER_TIMEOUT_SECONDS:g} s (RabbitMQ's consumer_timeout, and well below the Redis "
                 "visibility timeout), or a waiting retry is redelivered and runs twice"
             )
+        if self.max_file_bytes > self.max_request_bytes:
+            raise ValueError("max_file_bytes must not exceed max_request_bytes")
         for name in ("database_url", "broker_url"):
             url = getattr(self, name)
             if url is not None and not _URL_WITH_SCHEME.match(url):
                 raise ValueError(f"{name} must be a URL with a scheme, got {url!r}")
         return self
+
+    @property
+    def document_dir(self) -> Path:
+        return self.storage_dir if self.storage_dir is not None else self.data_dir / "documents"
 
     @property
     def embedded(self) -> bool:

@@ -68,12 +68,15 @@ class DocumentChanged:
 
 def validate_requirement_code(code: object) -> None:
     if code not in REQUIREMENTS:
-        raise InvalidInput(f"requirement_code must be one of {', '.join(REQUIREMENTS)}; got {code!r}")
+        raise InvalidInput(
+            f"requirement_code must be one of {', '.join(REQUIREMENTS)}; got {code!r}",
+            field="requirement_code", rule="one_of", valid_values=tuple(REQUIREMENTS),
+        )
 
 
 def validate_expiry(expires_at: object) -> None:
     if expires_at is not None and (not isinstance(expires_at, date) or isinstance(expires_at, str)):
-        raise InvalidInput("expires_at must be a date (YYYY-MM-DD) or empty")
+        raise InvalidInput("expires_at must be a date (YYYY-MM-DD) or empty", field="expires_at", rule="date")
 
 
 def add_documents(
@@ -90,7 +93,9 @@ def add_documents(
     if not documents:
         raise InvalidInput("at least one document is required")
     if len(documents) > MAX_DOCUMENTS_PER_REQUEST:
-        raise InvalidInput(f"at most {MAX_DOCUMENTS_PER_REQUEST} documents per request")
+        raise InvalidInput(
+            f"at most {MAX_DOCUMENTS_PER_REQUEST} documents per request", field="files", rule="max_items"
+        )
     if source not in DocumentSource.ALL:
         raise InvalidInput(f"source must be one of {', '.join(DocumentSource.ALL)}")
     for document in documents:
@@ -172,7 +177,7 @@ def reject_document(
     conn: psycopg.Connection, *, document_id: int, reason: str, actor: Actor, correlation_id: str
 ) -> DocumentChanged:
     if not isinstance(reason, str) or not 1 <= len(reason.strip()) <= 500:
-        raise InvalidInput("a rejection needs a reason of 1 to 500 characters")
+        raise InvalidInput("a rejection needs a reason of 1 to 500 characters", field="reason", rule="length_1_500")
     return _set_status(
         conn, document_id, DocumentStatus.REJECTED, reason.strip(), actor, correlation_id,
         TriggerReason.REJECT, AuditAction.DOCUMENT_REJECTED,

@@ -2,7 +2,9 @@
 
     ServiceError
      +-- NotFound                 ClientNotFound, PropertyNotFound, DocumentNotFound
-     +-- InvalidInput             a value breaks a domain rule (names the rule)
+     +-- InvalidInput             a value breaks a domain rule (names the field, rule, valid values)
+     |    +-- PayloadTooLarge     a file, archive or request is over its size limit
+     |    +-- UnsupportedContent  a file's bytes are not a type we accept, whatever it claims
      +-- InvalidTransition        the entity's state does not allow the change
      +-- DuplicateRequest         the correlation id was accepted before: nothing changed
      +-- RecalculationError       raised inside a recalculation attempt
@@ -13,6 +15,8 @@
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class ServiceError(Exception):
@@ -39,7 +43,32 @@ class DocumentNotFound(NotFound):
 
 
 class InvalidInput(ServiceError):
-    """A value breaks a domain rule."""
+    """A value breaks a domain rule.
+
+    `field`, `rule` and `valid_values` let an HTTP adapter answer with a body that names them,
+    so callers can fix their request without reading our code.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        field: str | None = None,
+        rule: str | None = None,
+        valid_values: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.rule = rule
+        self.valid_values = tuple(valid_values) if valid_values is not None else None
+
+
+class PayloadTooLarge(InvalidInput):
+    """A file, archive or request is over its size limit."""
+
+
+class UnsupportedContent(InvalidInput):
+    """A file's content is not of a type we accept, whatever its name or declared type says."""
 
 
 class InvalidTransition(ServiceError):

@@ -22,9 +22,9 @@ class NewProperty:
 
     def validate(self) -> None:
         if not isinstance(self.name, str) or not 1 <= len(self.name.strip()) <= 200:
-            raise InvalidInput("property name must be 1 to 200 characters")
+            raise InvalidInput("property name must be 1 to 200 characters", field="name", rule="length_1_200")
         if not isinstance(self.has_gas_supply, bool):
-            raise InvalidInput("has_gas_supply must be true or false")
+            raise InvalidInput("has_gas_supply must be true or false", field="has_gas_supply", rule="boolean")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +74,11 @@ def provision_client(
 
     A replayed correlation id creates nothing and raises DuplicateRequest."""
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
-        raise InvalidInput("client name must be 1 to 200 characters")
+        raise InvalidInput("client name must be 1 to 200 characters", field="name", rule="length_1_200")
     if len(properties) > 1000:
-        raise InvalidInput("a client is provisioned with at most 1000 properties at once")
+        raise InvalidInput(
+            "a client is provisioned with at most 1000 properties at once", field="properties", rule="max_items"
+        )
     for new in properties:
         new.validate()
     with conn.transaction():

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from tests.harness.api import TenantClient
 from recalq.settings import Settings
 from tests.harness.databases import DatabaseFactory
 from tests.harness.services import brokers, postgres_admin_url
@@ -67,3 +72,27 @@ def system(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Syste
     sut = System(database_url, broker_url, tmp_path)
     yield sut
     sut.stop()
+
+
+@pytest.fixture
+def api(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    """The real app on a fresh database, with admin key tests.harness.api.ADMIN_KEY."""
+    from tests.harness.api import api_settings, running_api
+
+    with running_api(api_settings(database_url, tmp_path / "documents")) as client:
+        yield client
+
+
+@pytest.fixture
+def tenant(database_url: str) -> TenantClient:
+    """A client with one property (gas supply) and its bearer token."""
+    from tests.harness.api import new_tenant
+
+    return new_tenant(database_url)
+
+
+@pytest.fixture
+def other_tenant(database_url: str) -> TenantClient:
+    from tests.harness.api import new_tenant
+
+    return new_tenant(database_url)

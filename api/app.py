@@ -1,0 +1,93 @@
+"""Builds the FastAPI app: the composition root of the API process.
+
+`uvicorn --factory api.app:create_app` (what `recalq api` and `recalq up` run) calls
+`create_app()` once; the settings object, the connection pool and the file store are made
+then, never at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from api import problems
+from api.body_limit import BodySizeLimit
+from api.routes import admin, client
+from api.security import AdminKeys
+from recalq.bootstrap import Runtime
+from recalq.settings import Settings
+from services.file_store import FileStore
+from services.uploads import UploadLimits
+
+DESCRIPTION = """\
+recalq keeps each property's compliance score correct and fresh. Every change (an upload, a
+delete, a verification...) commits together with a request to recalculate; the score is then
+recomputed in the background. While it is, the property reads `compliance_score_pending: true`
+and `status: "updating"`.
+
+* **Client endpoints** take a client's token: `Authorization: Bearer rqc_...`. A client sees
+  only its own properties; another client's ids answer 404.
+* **Admin endpoints** take `X-API-Key`.
+* **Idempotency**: send `Idempotency-Key` on any POST or DELETE; a retry with the same key
+  changes nothing more and answers 200 with `Idempotent-Replayed: true`.
+* **Errors** are RFC 9457 problem documents (`application/problem+json`) whose `errors` name
+  the field, the rule and the valid values.
+"""
+
+TAGS = [
+    {"name": "client", "description": "A client's own properties and documents (bearer token)."},
+    {"name": "admin", "description": "Operators: documents of any property, provisioning, recalculation status, "
+     "the queue (X-API-Key)."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+
+
+class Health(BaseModel):
+    status: str
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        runtime.close()
+
+    app = FastAPI(title="recalq", version=version("recalq"), description=DESCRIPTION, openapi_tags=TAGS,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.admin_keys = AdminKeys(tuple(k.get_secret_value() for k in settings.admin_api_keys))
+    app.state.file_store = FileStore(settings.document_dir)
+    app.state.upload_limits = UploadLimits(
+        max_file_bytes=settings.max_file_bytes,
+        max_zip_bytes=settings.max_request_bytes,
+        max_zip_total_uncompressed=settings.max_zip_total_uncompressed_bytes,
+        max_zip_ratio=settings.max_zip_ratio,
+    )
+    problems.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(client.router)
+    app.include_router(admin.router)
+
+    @app.get("/healthz", tags=["health"], response_model=Health)
+    def healthz() -> Health:
+        """The process is up (it does not touch the database)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", tags=["health"], response_model=Health,
+             responses={503: problems.COMMON_RESPONSES[503]})
+    def readyz(request: Request) -> Health | JSONResponse:
+        """The process can reach its database."""
+        with request.app.state.runtime.connection() as conn:
+            conn.execute("SELECT 1")
+        return Health(status="ready")
+
+    return app

@@ -1,0 +1,163 @@
+"""Errors as RFC 9457 problem documents, one shape for every 4xx and 5xx.
+
+A caller must be able to fix a bad request from the body alone, so every validation error
+names the field, the rule it broke and, where the set is closed, the valid values. Bad input is
+never a 500: pydantic's, Starlette's and our services' errors are all mapped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import (
+    DuplicateRequest,
+    InvalidInput,
+    InvalidTransition,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedContent,
+)
+
+log = logging.getLogger("recalq.api")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where the bad value is: a body field (`requirement_code`, "
+                       "`properties.0.name`), or `query.x`, `header.X`, `path.x`")
+    rule: str = Field(description="The rule it broke, e.g. `missing`, `one_of`, `extra_forbidden`, `max_size`")
+    message: str
+    valid_values: list[str] | None = Field(default=None, description="The accepted values, for a closed set")
+
+
+class Problem(BaseModel):
+    type: str = Field(description="A URN naming the kind of problem", examples=["urn:recalq:problem:invalid-input"])
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldProblem] = Field(default_factory=list)
+
+
+def _describe(status: int, title: str) -> dict[str, Any]:
+    return {"model": Problem, "description": title, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
+#: The problems any endpoint may answer with, for the OpenAPI document.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _describe(400, "Malformed request (unparseable JSON or multipart)"),
+    401: _describe(401, "Missing or invalid credentials"),
+    404: _describe(404, "Not found, or not yours"),
+    422: _describe(422, "A value breaks a rule; `errors` names the field, the rule and the valid values"),
+    503: _describe(503, "The database is unavailable, or the admin API has no keys configured; retry later"),
+}
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: _describe(413, "A file, archive or the request is over its size limit"),
+    415: _describe(415, "A file's content is not an accepted type (PDF or UTF-8 text)"),
+}
+CONFLICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: _describe(409, "The entity's state does not allow this change"),
+}
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    kind: str,
+    errors: list[FieldProblem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(type=f"urn:recalq:problem:{kind}", title=title, status=status, detail=detail, errors=errors or [])
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, media_type=PROBLEM_MEDIA_TYPE,
+                        headers=headers)
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def _validation_problem(exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    malformed = False
+    for err in exc.errors():
+        kind = err.get("type", "invalid")
+        if kind == "json_invalid":
+            malformed = True
+        ctx = err.get("ctx") or {}
+        expected = ctx.get("expected")
+        valid = _QUOTED.findall(expected) if isinstance(expected, str) else None
+        errors.append(FieldProblem(field=_field_of(tuple(err.get("loc", ()))), rule=kind,
+                                   message=str(err.get("msg", "invalid value")), valid_values=valid or None))
+    if malformed:
+        return problem_response(400, "Malformed JSON", "the request body is not valid JSON", kind="malformed-json",
+                                errors=errors)
+    fields = ", ".join(sorted({e.field for e in errors}))
+    return problem_response(422, "Invalid input", f"invalid value for: {fields}", kind="invalid-input", errors=errors)
+
+
+def _service_problem(exc: ServiceError) -> JSONResponse:
+    if isinstance(exc, NotFound):
+        return problem_response(404, "Not found", str(exc), kind="not-found")
+    if isinstance(exc, InvalidInput):
+        field_errors = []
+        if exc.field is not None:
+            field_errors.append(FieldProblem(field=exc.field, rule=exc.rule or "invalid", message=str(exc),
+                                             valid_values=list(exc.valid_values) if exc.valid_values else None))
+        if isinstance(exc, PayloadTooLarge):
+            return problem_response(413, "Payload too large", str(exc), kind="payload-too-large", errors=field_errors)
+        if isinstance(exc, UnsupportedContent):
+            return problem_response(415, "Unsupported content", str(exc), kind="unsupported-content",
+                                    errors=field_errors)
+        return problem_response(422, "Invalid input", str(exc), kind="invalid-input", errors=field_errors)
+    if isinstance(exc, InvalidTransition):
+        return problem_response(409, "Conflict", str(exc), kind="invalid-transition")
+    if isinstance(exc, DuplicateRequest):
+        # Routes answer replays themselves; one that escapes still must not look like a failure
+        # the caller should retry.
+        return problem_response(409, "Already accepted", str(exc), kind="duplicate-request")
+    log.exception("unmapped service error", exc_info=exc)
+    return problem_response(500, "Internal error", "the request failed; it has been logged", kind="internal")
+
+
+def install(app: FastAPI) -> None:
+    """Registers the handlers that turn every error into a problem document."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_problem(exc)
+
+    @app.exception_handler(ServiceError)
+    async def _on_service(_: Request, exc: ServiceError) -> JSONResponse:
+        return _service_problem(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
+                  413: "Payload too large", 503: "Service unavailable"}
+        title = titles.get(exc.status_code, "Error")
+        return problem_response(exc.status_code, title, str(exc.detail), kind=title.lower().replace(" ", "-"),
+                                headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _on_database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
+                                kind="database-unavailable", headers={"Retry-After": "5"})

@@ -1,0 +1,1 @@
+"""The API's routers, one per audience: clients (bearer token) and admins (X-API-Key)."""
