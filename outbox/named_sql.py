@@ -37,3 +37,17 @@ def load_named_queries(path: Path) -> Mapping[str, str]:
 def _has_sql(statement: str) -> bool:
     """A description with no statement under it is still an empty query."""
     return any(line.strip() and not line.lstrip().startswith("--") for line in statement.splitlines())
+
+
+def load_named_query_dir(directory: Path) -> Mapping[str, str]:
+    """Every `*.sql` file of a directory as one namespace: a package keeps its queries in files
+    by topic but looks them up in one place, and a name defined in two files is an error."""
+    merged: dict[str, str] = {}
+    origin: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.sql")):
+        for name, statement in load_named_queries(path).items():
+            if name in merged:
+                raise ValueError(f"query {name!r} is defined in both {origin[name]} and {path}")
+            merged[name] = statement
+            origin[name] = path
+    return MappingProxyType(merged)

@@ -12,14 +12,11 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import psycopg
 
-from outbox.named_sql import load_named_queries
 from services.errors import ClientNotFound, InvalidInput, NotFound
-
-QUERIES = load_named_queries(Path(__file__).parent / "sql" / "client_tokens.sql")
+from services.queries import QUERIES
 
 #: Every client token starts with this, so a leaked one is easy to recognise (secret scanners).
 TOKEN_PREFIX = "rqc_"

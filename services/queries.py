@@ -1,7 +1,7 @@
-"""The compliance services' named queries, loaded once from sql/compliance.sql."""
+"""The compliance services' named queries: every file in services/sql/, one namespace."""
 
 from pathlib import Path
 
-from outbox.named_sql import load_named_queries
+from outbox.named_sql import load_named_query_dir
 
-QUERIES = load_named_queries(Path(__file__).parent / "sql" / "compliance.sql")
+QUERIES = load_named_query_dir(Path(__file__).parent / "sql")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from outbox.named_sql import load_named_queries
+from outbox.named_sql import load_named_queries, load_named_query_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUERY_FILES = {
-    "outbox.queries": ROOT / "outbox" / "queries.sql",
-    "services.queries": ROOT / "services" / "sql" / "compliance.sql",
+    "outbox.queries": [ROOT / "outbox" / "queries.sql"],
+    "services.queries": sorted((ROOT / "services" / "sql").glob("*.sql")),
 }
-SOURCE_PACKAGES = ("outbox", "services", "recalq", "tasks")
+SOURCE_PACKAGES = ("outbox", "services", "recalq", "tasks", "api")
 _LOOKUP = re.compile(r"""QUERIES\[\s*["']([^"']+)["']\s*\]""")
 _IMPORT = re.compile(r"^from (\w+\.queries) import QUERIES\b", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"%\([a-z_][a-z0-9_]*\)s|%%")
@@ -111,17 +111,34 @@ def test_a_malformed_name_line_before_the_first_query_is_refused(tmp_path):
 
 # -- the project's own query files ---------------------------------------------------------
 
-@pytest.mark.parametrize("module", sorted(QUERY_FILES))
-def test_every_project_query_file_loads_with_at_least_one_query(module):
-    assert len(load_named_queries(QUERY_FILES[module])) > 0
+PROJECT_FILES = [path for paths in QUERY_FILES.values() for path in paths]
 
 
-@pytest.mark.parametrize("module", sorted(QUERY_FILES))
-def test_every_percent_sign_in_a_project_query_is_a_named_placeholder(module):
+def _loaded(module: str) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for path in QUERY_FILES[module]:
+        merged.update(load_named_queries(path))
+    return merged
+
+
+@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_project_query_file_loads_with_at_least_one_query(path):
+    assert len(load_named_queries(path)) > 0
+
+
+@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_percent_sign_in_a_project_query_is_a_named_placeholder(path):
     # psycopg reads every % of a statement, comments included, as the start of a placeholder.
-    for name, statement in load_named_queries(QUERY_FILES[module]).items():
+    for name, statement in load_named_queries(path).items():
         stray = _PLACEHOLDER.sub("", statement)
-        assert "%" not in stray, f"{module}: query {name!r} has a % that is not %(name)s or %%"
+        assert "%" not in stray, f"{path.name}: query {name!r} has a % that is not %(name)s or %%"
+
+
+def test_a_query_directory_refuses_a_name_defined_in_two_files(tmp_path):
+    (tmp_path / "a.sql").write_text("-- name: same\nSELECT 1\n", encoding="utf-8")
+    (tmp_path / "b.sql").write_text("-- name: same\nSELECT 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="defined in both"):
+        load_named_query_dir(tmp_path)
 
 
 def _lookups() -> list[tuple[str, str, str]]:
@@ -142,11 +159,11 @@ def _lookups() -> list[tuple[str, str, str]]:
 
 def test_every_query_name_the_code_looks_up_exists_in_the_file_it_imports():
     lookups = _lookups()
-    loaded = {module: load_named_queries(path) for module, path in QUERY_FILES.items()}
+    loaded = {module: _loaded(module) for module in QUERY_FILES}
     # The scan sees both query modules in use; an empty scan would prove nothing.
     assert {module for _, module, _ in lookups} == set(QUERY_FILES)
     missing = [
-        f"{source}: QUERIES[{name!r}] not in {QUERY_FILES[module].relative_to(ROOT)}"
+        f"{source}: QUERIES[{name!r}] not in the files of {module}"
         for source, module, name in lookups
         if name not in loaded.get(module, {})
     ]
@@ -157,5 +174,5 @@ def test_the_query_modules_load_the_files_this_test_checks():
     import outbox.queries
     import services.queries
 
-    assert dict(outbox.queries.QUERIES) == dict(load_named_queries(QUERY_FILES["outbox.queries"]))
-    assert dict(services.queries.QUERIES) == dict(load_named_queries(QUERY_FILES["services.queries"]))
+    assert dict(outbox.queries.QUERIES) == _loaded("outbox.queries")
+    assert dict(services.queries.QUERIES) == _loaded("services.queries")
