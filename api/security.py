@@ -12,7 +12,6 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-import psycopg
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -72,16 +71,10 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(_api_key)
 def require_client(
     conn: Conn, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> ClientCaller:
-    client_id = _client_of(conn, credentials.credentials) if credentials else None
+    client_id = client_tokens.authenticate(conn, credentials.credentials) if credentials else None
     if client_id is None:
         raise _unauthorized("Bearer", "a valid client token is required: Authorization: Bearer <token>")
     return ClientCaller(client_id, Actor(ActorType.CLIENT, str(client_id)))
-
-
-def _client_of(conn: psycopg.Connection, token: str) -> int | None:
-    client_id = client_tokens.authenticate(conn, token)
-    conn.rollback()  # end the read transaction; mutations open their own
-    return client_id
 
 
 Admin = Annotated[AdminCaller, Depends(require_admin)]

@@ -47,6 +47,11 @@ class Runtime:
                 min_size=self.settings.db_pool_min_size,
                 max_size=self.settings.db_pool_max_size,
                 timeout=self.settings.db_pool_timeout_seconds,
+                # Autocommit: every change is an explicit `with conn.transaction()`, which then
+                # really commits. Without it, a read before a service call would open a
+                # transaction, turn the service's block into a savepoint, and the change would be
+                # rolled back silently when the connection went back to the pool.
+                kwargs={"autocommit": True},
                 open=True,
                 name="recalq",
             )
