@@ -36,6 +36,7 @@ def idempotency_key(
         str | None,
         Header(
             alias="Idempotency-Key",
+            pattern=_IDEMPOTENCY_KEY.pattern,
             description="Makes a retried request safe: the same key (per caller) changes data and "
             "enqueues once; a replay answers 200 with `Idempotent-Replayed: true`. 1-128 printable "
             "ASCII characters, e.g. a UUID.",

@@ -52,7 +52,8 @@ class Problem(BaseModel):
 
 
 def _describe(status: int, title: str) -> dict[str, Any]:
-    return {"model": Problem, "description": title, "content": {PROBLEM_MEDIA_TYPE: {}}}
+    # The schema is attached to application/problem+json by `problem_openapi` below.
+    return {"model": Problem, "description": title}
 
 
 #: The problems any endpoint may answer with, for the OpenAPI document.
@@ -136,8 +137,56 @@ def _service_problem(exc: ServiceError) -> JSONResponse:
     return problem_response(500, "Internal error", "the request failed; it has been logged", kind="internal")
 
 
+def problem_openapi(app: FastAPI) -> None:
+    """Makes the OpenAPI document say what the app does: every 4xx/5xx answer is a Problem in
+    application/problem+json, including the 422 FastAPI documents by itself as
+    `HTTPValidationError`, which this app never sends."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                for code, response in operation.get("responses", {}).items():
+                    if code[:1] in {"4", "5"}:
+                        response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}"))
+        schemas.setdefault("FieldProblem", FieldProblem.model_json_schema())
+        schemas.get("Problem", {}).pop("$defs", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _allowed_methods(request: Request) -> str:
+    """All methods the API documents for this path. Starlette's own 405 names only those of the
+    first route that matched, and one path here often has several routes; the OpenAPI document
+    is the one complete list."""
+    table = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"),
+             {method.upper() for method in operations})
+            for path, operations in request.app.openapi().get("paths", {}).items()
+        ]
+        request.app.state.allowed_methods = table
+    methods: set[str] = set()
+    for pattern, path_methods in table:
+        if pattern.match(request.url.path):
+            methods |= path_methods
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     """Registers the handlers that turn every error into a problem document."""
+    problem_openapi(app)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -148,12 +197,15 @@ def install(app: FastAPI) -> None:
         return _service_problem(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         titles = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
                   413: "Payload too large", 503: "Service unavailable"}
         title = titles.get(exc.status_code, "Error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
         return problem_response(exc.status_code, title, str(exc.detail), kind=title.lower().replace(" ", "-"),
-                                headers=getattr(exc, "headers", None))
+                                headers=headers or None)
 
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(psycopg.OperationalError)
