@@ -104,7 +104,9 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
         ctx = err.get("ctx") or {}
         expected = ctx.get("expected")
         valid = _QUOTED.findall(expected) if isinstance(expected, str) else None
-        errors.append(FieldProblem(field=_field_of(tuple(err.get("loc", ()))), rule=kind,
+        # A JSON syntax error's loc ends with a character offset, not a field.
+        field = "body" if kind == "json_invalid" else _field_of(tuple(err.get("loc", ())))
+        errors.append(FieldProblem(field=field, rule=kind,
                                    message=str(err.get("msg", "invalid value")), valid_values=valid or None))
     if malformed:
         return problem_response(400, "Malformed JSON", "the request body is not valid JSON", kind="malformed-json",

@@ -1,8 +1,13 @@
 """`recalq up` and `recalq demo`: every process of the system in the foreground.
 
 `up` starts embedded PostgreSQL / Redis for whichever of DATABASE_URL / BROKER_URL is unset,
-migrates, and runs the relay and a Celery worker as child processes until SIGINT or SIGTERM;
-then it stops the relay and the worker (warm shutdown), then Redis, then PostgreSQL, and exits 0.
+migrates, and runs the relay, a Celery worker and the HTTP API as child processes until SIGINT or
+SIGTERM; then it stops the API first (no new changes come in), then the relay and the worker (warm
+shutdown), then Redis, then PostgreSQL, and exits 0.
+
+The API needs an admin key. With RECALQ_ADMIN_API_KEYS unset, `up` makes one on its first run in
+DATA_DIR/admin-api-key (readable by its owner only) and gives it to the API child on every run;
+it prints where the key is, never the key.
 
 A child or embedded server that dies on its own is reported and ends `up` with status 1 after
 everything else is stopped. It is not restarted: a system that quietly limps on looks healthy
@@ -19,10 +24,14 @@ import argparse
 import ctypes
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -40,10 +49,15 @@ from recalq.settings import Settings
 if TYPE_CHECKING:
     from recalq.embedded import Services
 
-#: How long the relay and worker get to finish in-flight work after SIGTERM.
+#: How long each stage of children (the API; then the relay and worker) gets to finish in-flight
+#: work after SIGTERM.
 STOP_GRACE_SECONDS = 30.0
 READY_TIMEOUT_SECONDS = 120.0
 LOOK_INSIDE = "TABLE compliance_recalc_queue"
+#: Where `up` keeps the admin API key it made, under the data dir.
+ADMIN_KEY_FILE = "admin-api-key"
+#: uvicorn's start-up line; it names the bound address, also when RECALQ_API_PORT=0 picked one.
+_API_LISTENING = re.compile(r"Uvicorn running on (\S+)")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -107,6 +121,7 @@ def _run(
                 )
                 _migrate(resolved)
                 say("database migrated")
+                api = _api_access(settings, data_dir)
                 children = Children(
                     env=_child_env(services.database_url, services.broker_url),
                     echo=echo_children,
@@ -114,11 +129,12 @@ def _run(
                     wake=signals.wake,
                 )
                 try:
-                    return _supervise(children, services, resolved, signals, log_level, script, keep_running, say)
+                    return _supervise(children, services, resolved, api, signals, log_level, script, keep_running,
+                                      say)
                 finally:
                     started = time.monotonic()
                     children.stop(hurry=signals.hurry)
-                    say(f"relay and worker stopped ({time.monotonic() - started:.1f} s)")
+                    say(f"relay, worker and API stopped ({time.monotonic() - started:.1f} s)")
         except (embedded.EmbeddedError, StartupError) as exc:
             print(f"recalq: {exc}", file=sys.stderr, flush=True)
             return 1
@@ -128,6 +144,7 @@ def _supervise(
     children: Children,
     services: Services,
     settings: Settings,
+    api: ApiAccess,
     signals: Signals,
     log_level: str,
     script: Callable[[str, threading.Event], bool] | None,
@@ -141,6 +158,9 @@ def _supervise(
                               # one worker: no neighbours to sync with at start-up or to gossip to
                               "--without-mingle", "--without-gossip"],
                    ready_marker=" ready.")
+    # Stopped first (stage 0): no change comes in while the relay and worker finish theirs.
+    children.start("api", [sys.executable, "-m", "recalq", "--log-level", log_level, "api"],
+                   ready_marker="Uvicorn running on", extra_env=api.env, stop_stage=0)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while not children.all_ready():
         if signals.stop.is_set():
@@ -148,16 +168,19 @@ def _supervise(
         if children.failed() or services.dead():
             return _report_failure(children, services)
         if time.monotonic() > deadline:
-            print(f"recalq: the relay and worker were not ready within {READY_TIMEOUT_SECONDS:.0f} s; "
+            print(f"recalq: the relay, worker and API were not ready within {READY_TIMEOUT_SECONDS:.0f} s; "
                   "stopping everything.", file=sys.stderr, flush=True)
             return 1
         signals.wake.wait(0.5)
         signals.wake.clear()
-    say("ready: relay and worker are running; Ctrl-C stops everything")
+    say("ready: relay, worker and API are running; Ctrl-C stops everything")
+    base_url = _api_url(children.by_name("api"))
+    say(f"API:      {base_url} (interactive docs: {base_url}/docs)")
+    say(f"admin API key: {api.key_source} (send it as X-API-Key)")
     url = services.database_url if services.postgres else "$DATABASE_URL"  # never echo a password
     say(f"look inside: {_psql()} \"{url}\" -c '{LOOK_INSIDE}'")
     if children.log_dir is not None:
-        say(f"relay and worker logs: {children.log_dir}")
+        say(f"relay, worker and API logs: {children.log_dir}")
 
     outcome: list[bool] = []
     if script is not None:
@@ -218,6 +241,66 @@ def _migrate(settings: Settings) -> None:
         raise StartupError(f"migrating {_masked(settings.database_url or '')} failed: {first_line}.") from exc
 
 
+# -- the API child: its environment, its admin key, its address ----------------------------
+
+
+@dataclass(frozen=True)
+class ApiAccess:
+    #: Added to the API child's environment: the data dir, and the admin key `up` made, if it made one.
+    env: dict[str, str]
+    #: Where the key is, for the user; never the key itself.
+    key_source: str
+
+
+def _api_access(settings: Settings, data_dir: Path) -> ApiAccess:
+    from recalq.embedded import prepare_data_dir
+
+    data_dir = prepare_data_dir(data_dir)
+    # The API stores documents under DATA_DIR/documents by default: the directory `up` resolved
+    # (made absolute, `~` expanded), not the child's own reading of a relative RECALQ_DATA_DIR.
+    env = {"RECALQ_DATA_DIR": str(data_dir)}
+    if settings.admin_api_keys:
+        return ApiAccess(env, "from RECALQ_ADMIN_API_KEYS")
+    path = data_dir / ADMIN_KEY_FILE
+    return ApiAccess({**env, "RECALQ_ADMIN_API_KEYS": _admin_key(path)}, f"in {path}")
+
+
+def _admin_key(path: Path) -> str:
+    """The key in `path`, made on first use. It is written to a private temporary file and
+    hard-linked into place, so the file appears whole and with mode 0600 or not at all, and
+    two runs racing to make it both end up with the first one's key."""
+    try:
+        if not path.exists():
+            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(32) + "\n")
+                try:
+                    os.link(temporary, path)
+                except FileExistsError:
+                    pass
+            finally:
+                os.unlink(temporary)
+        key = path.read_text().strip()
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise StartupError(f"cannot make or read the admin API key file {path} ({exc.strerror}).") from None
+    if len(key) < 24 or any(c.isspace() or c == "," for c in key):
+        raise StartupError(f"{path} does not hold one admin API key of at least 24 characters; "
+                           "delete it and `recalq up` makes a new one.")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StartupError(f"{path} is readable by other users (mode {mode:o}); `chmod 600` it, or delete it "
+                           "and `recalq up` makes a new key.")
+    return key
+
+
+def _api_url(child: Child) -> str:
+    match = _API_LISTENING.search(child.ready_line or "")
+    if match is None:  # the marker matched, so uvicorn changed its wording: say what we know
+        return "(see the API's start-up line)"
+    return match.group(1)
+
+
 @contextmanager
 def _exclusive_if(embedded_services: bool, data_dir: Path) -> Iterator[None]:
     if not embedded_services:
@@ -237,7 +320,11 @@ class Child:
     name: str
     popen: subprocess.Popen
     ready_marker: str
+    #: Children stop in stages, lowest first; one stage's children stop together.
+    stop_stage: int = 1
     ready: threading.Event = field(default_factory=threading.Event)
+    #: The output line that had the ready marker.
+    ready_line: str | None = None
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     pump: threading.Thread | None = None
 
@@ -251,12 +338,13 @@ class Children:
         self.children: list[Child] = []
         self._preexec = _die_with_parent()
 
-    def start(self, name: str, argv: list[str], ready_marker: str) -> Child:
+    def start(self, name: str, argv: list[str], ready_marker: str, extra_env: dict[str, str] | None = None,
+              stop_stage: int = 1) -> Child:
         popen = subprocess.Popen(
-            argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", start_new_session=True, preexec_fn=self._preexec,
+            argv, env={**self.env, **(extra_env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True, preexec_fn=self._preexec,
         )
-        child = Child(name, popen, ready_marker)
+        child = Child(name, popen, ready_marker, stop_stage)
         log: IO[str] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(exist_ok=True)
@@ -274,6 +362,7 @@ class Children:
                         log.write(raw)
                         log.flush()
                     if ready_marker in line and not child.ready.is_set():
+                        child.ready_line = line
                         child.ready.set()
                         self.wake.set()
             finally:
@@ -292,16 +381,22 @@ class Children:
     def all_ready(self) -> bool:
         return all(c.ready.is_set() for c in self.children)
 
+    def by_name(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
     def stop(self, hurry: threading.Event) -> None:
-        """SIGTERM to each child (the worker finishes its running tasks), SIGKILL to the whole
-        session of any still running after the grace period or after a second Ctrl-C."""
-        for child in self.children:
-            if child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in self.children:
-            while child.popen.poll() is None and time.monotonic() < deadline and not hurry.is_set():
-                hurry.wait(0.1)
+        """Stage by stage, SIGTERM to each child of the stage (the API finishes its requests, the
+        worker its running tasks) and a wait of up to the grace period for them; then SIGKILL to
+        the whole session of any still running, or of all at once after a second Ctrl-C."""
+        for stage in sorted({c.stop_stage for c in self.children}):
+            members = [c for c in self.children if c.stop_stage == stage]
+            for child in members:
+                if child.popen.poll() is None:
+                    child.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            for child in members:
+                while child.popen.poll() is None and time.monotonic() < deadline and not hurry.is_set():
+                    hurry.wait(0.1)
         for child in self.children:
             try:
                 os.killpg(child.popen.pid, signal.SIGKILL)  # also reaps a prefork pool left behind

