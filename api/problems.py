@@ -167,22 +167,30 @@ def problem_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _route_table(routes: list[Any]) -> list[tuple[re.Pattern[str], set[str]]]:
+    """(path regex, methods) of every route, including those of included routers (FastAPI
+    wraps them; `original_router` is where their routes live)."""
+    table: list[tuple[re.Pattern[str], set[str]]] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            table.extend(_route_table(inner.routes))
+        elif getattr(route, "methods", None) and getattr(route, "path_regex", None) is not None:
+            table.append((route.path_regex, set(route.methods)))
+    return table
+
+
 def _allowed_methods(request: Request) -> str:
-    """All methods the API documents for this path. Starlette's own 405 names only those of the
-    first route that matched, and one path here often has several routes; the OpenAPI document
-    is the one complete list."""
-    table = getattr(request.app.state, "allowed_methods", None)
+    """All methods any route serves at this path. Starlette's own 405 names only those of the
+    first route that matched, and one path here often has several routes. Each route's own regex
+    decides (a `{document_id:int}` does not match `bulk`)."""
+    table = getattr(request.app.state, "route_table", None)
     if table is None:
-        table = [
-            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"),
-             {method.upper() for method in operations})
-            for path, operations in request.app.openapi().get("paths", {}).items()
-        ]
-        request.app.state.allowed_methods = table
+        table = request.app.state.route_table = _route_table(request.app.routes)
     methods: set[str] = set()
-    for pattern, path_methods in table:
+    for pattern, route_methods in table:
         if pattern.match(request.url.path):
-            methods |= path_methods
+            methods |= route_methods
     return ", ".join(sorted(methods))
 
 
