@@ -107,3 +107,52 @@ SELECT task, status, jobs, oldest_age_s, relay_lag_s, finished_last_1m, finished
 SELECT id AS request_id, job_id
   FROM outbox_request
  WHERE coalescing_key = %(coalescing_key)s AND correlation_id = %(correlation_id)s
+
+-- name: prune_finished_jobs
+-- One batch of retention: done and superseded jobs that finished before the cutoff, with their
+-- requests. DEAD jobs are never pruned (they wait for a requeue or an explicit purge). A job
+-- that a superseded job still names is kept until that one is pruned (the foreign key), so a
+-- chain goes over several batches; the caller loops until a batch deletes nothing. SKIP
+-- LOCKED: pruning never waits on, nor holds up, live work. Deleting a request ends its
+-- correlation id's protection against repeats, which is what the retention period means.
+WITH batch AS (
+    SELECT j.id
+      FROM outbox_job j
+     WHERE j.status IN ('done', 'superseded')
+       AND j.finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+       AND NOT EXISTS (SELECT 1 FROM outbox_job s WHERE s.superseded_by = j.id)
+     ORDER BY j.finished_at
+     LIMIT %(limit)s
+       FOR UPDATE OF j SKIP LOCKED
+), requests AS (
+    DELETE FROM outbox_request r USING batch WHERE r.job_id = batch.id RETURNING r.id
+), jobs AS (
+    DELETE FROM outbox_job j USING batch WHERE j.id = batch.id RETURNING j.id
+)
+SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM requests) AS requests
+
+-- name: purge_dead_jobs
+-- One batch of an explicit purge of DEAD jobs chosen by ids, key or age (a NULL selector
+-- matches everything), with the superseded jobs that name them (their requests were carried
+-- by the dead job) and all their requests. FOR UPDATE, re-checked after a wait: a job requeued
+-- meanwhile is no longer DEAD and is left alone.
+WITH RECURSIVE target AS (
+    SELECT id
+      FROM outbox_job
+     WHERE status = 'dead'
+       AND (%(job_ids)s::bigint[] IS NULL OR id = ANY(%(job_ids)s::bigint[]))
+       AND (%(coalescing_key)s::text IS NULL OR coalescing_key = %(coalescing_key)s::text)
+       AND (%(finished_before)s::timestamptz IS NULL OR finished_at < %(finished_before)s::timestamptz)
+     ORDER BY id
+     LIMIT %(limit)s
+       FOR UPDATE
+), doomed AS (
+    SELECT id FROM target
+    UNION
+    SELECT s.id FROM outbox_job s JOIN doomed d ON s.superseded_by = d.id
+), requests AS (
+    DELETE FROM outbox_request r USING doomed WHERE r.job_id = doomed.id RETURNING r.id
+), jobs AS (
+    DELETE FROM outbox_job j USING doomed WHERE j.id = doomed.id RETURNING j.id
+)
+SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM requests) AS requests

@@ -94,7 +94,7 @@ class Runtime:
     # -- Celery and the relay ---------------------------------------------------------------
     @cached_property
     def celery_app(self) -> Celery:
-        app = Celery("recalq", include=["tasks.recalculation"])
+        app = Celery("recalq", include=["tasks.recalculation", "tasks.maintenance"])
         app.config_from_object(celery_config(self.settings))
         app.recalq = self  # the tasks' way back to this runtime
         worker_process_init.connect(self._on_worker_process_init, weak=False)

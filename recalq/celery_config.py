@@ -6,17 +6,29 @@
 - cancel long-running tasks on connection loss, so a redelivered message never runs beside
   the original (Postgres fences it anyway);
 - publisher confirms on RabbitMQ, and bounded timeouts so a hung broker cannot hang the relay;
-- the Redis visibility timeout far above the longest countdown plus the hard time limit.
+- the Redis visibility timeout far above the longest countdown plus the hard time limit;
+- a beat schedule in UTC whose tasks are short (batched), time-limited, keep no results and
+  expire when the next run of the same entry would make them pointless.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
+
+from celery.schedules import crontab
 
 from recalq.settings import Settings
 
 RETRY_COUNTDOWN_CAP_SECONDS = 600.0
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
+
+#: The maintenance tasks beat sends (tasks/maintenance.py registers them under these names).
+ROLLOVER_TASK = "maintenance.expiry_rollover"
+RESCUE_TASK = "maintenance.rescue"
+PRUNE_TASK = "maintenance.prune"
+DRIFT_SWEEP_TASK = "maintenance.drift_sweep"
+MAINTENANCE_TASKS = (ROLLOVER_TASK, RESCUE_TASK, PRUNE_TASK, DRIFT_SWEEP_TASK)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -65,4 +77,45 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "timezone": "UTC",
         "enable_utc": True,
+        "task_annotations": {
+            name: {
+                "time_limit": settings.maintenance_time_limit_seconds,
+                "soft_time_limit": 0.9 * settings.maintenance_time_limit_seconds,
+            }
+            for name in MAINTENANCE_TASKS
+        },
+        "beat_schedule": beat_schedule(settings),
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What `celery -A tasks beat` sends, in UTC (the app's timezone; crontabs follow it).
+
+    Every task is idempotent, so two beats, or a rerun by hand, do no harm. `expires` drops a
+    message that waited in the queue past the point where the next run supersedes it, so a
+    worker outage does not end in a pile of identical maintenance tasks.
+    """
+    rescue_every = settings.rescue_interval_seconds
+    return {
+        "expiry-rollover": {
+            "task": ROLLOVER_TASK,
+            "schedule": crontab(minute=5, hour=settings.rollover_hour_utc),
+            "options": {"expires": 12 * 3600},
+        },
+        "rescue": {
+            "task": RESCUE_TASK,
+            "schedule": timedelta(seconds=rescue_every),
+            # At least a minute: clocks of beat and worker hosts may disagree by some seconds.
+            "options": {"expires": max(2 * rescue_every, 60.0)},
+        },
+        "prune": {
+            "task": PRUNE_TASK,
+            "schedule": crontab(minute=35),
+            "options": {"expires": 3600},
+        },
+        "drift-sweep": {
+            "task": DRIFT_SWEEP_TASK,
+            "schedule": crontab(minute=0, hour=settings.drift_sweep_hour_utc),
+            "options": {"expires": 12 * 3600},
+        },
     }

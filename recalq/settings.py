@@ -68,6 +68,20 @@ class Settings(BaseSettings):
     #: Bound on one publish attempt when the broker hangs.
     broker_timeout_seconds: float = Field(default=10.0, gt=0)
 
+    #: celery beat (all times UTC). Expiry rollover runs daily at rollover_hour_utc:05.
+    rollover_hour_utc: int = Field(default=0, ge=0, le=23)
+    #: Finished (done/superseded) jobs and their requests are pruned this long after they
+    #: finished; a request's correlation id is refused as a repeat only while it is kept.
+    #: DEAD jobs are never pruned.
+    prune_after_days: float = Field(default=14.0, gt=0)
+    #: Drift sweep: verification runs for every scored property, daily at drift_sweep_hour_utc:00,
+    #: this many properties per task so the sweep never holds a worker for long.
+    drift_sweep_hour_utc: int = Field(default=3, ge=0, le=23)
+    drift_sweep_batch_size: int = Field(default=500, ge=1, le=10000)
+    #: Hard time limit of one maintenance task (rollover, rescue, prune, one drift sweep batch);
+    #: the soft limit is 90 % of it. Well below RabbitMQ's consumer_timeout (late acks).
+    maintenance_time_limit_seconds: float = Field(default=600.0, gt=0)
+
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=4, ge=1)
     #: How long a task waits for a pooled connection before treating the database as unavailable.
@@ -81,6 +95,13 @@ class Settings(BaseSettings):
     #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
     #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    #: Flower (`recalq flower`, and part of `recalq up`): loopback unless told otherwise, and
+    #: never without HTTP basic auth, "user:password" (password of at least 12 characters, no
+    #: comma). Unset: `recalq flower` refuses to start and `recalq up` makes a password in
+    #: DATA_DIR/flower-password (user admin).
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(default=5555, ge=0, le=65535)
+    flower_basic_auth: SecretStr | None = None
     #: Uploaded documents, content-addressed by SHA-256. Default: DATA_DIR/documents.
     storage_dir: Path | None = None
     #: Upload limits: one file, one whole request (multipart or ZIP), and a ZIP's contents.
@@ -107,6 +128,22 @@ class Settings(BaseSettings):
                 raise ValueError("every admin API key must be at least 24 characters (use `recalq new-key`)")
         return value
 
+    @field_validator("flower_basic_auth", mode="before")
+    @classmethod
+    def _blank_basic_auth_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _basic_auth_is_user_and_password(cls, value: SecretStr | None) -> SecretStr | None:
+        # Flower splits its basic_auth option at commas: a comma would silently break the login.
+        if value is not None:
+            user, colon, password = value.get_secret_value().partition(":")
+            if not colon or not user.strip() or len(password) < 12 or "," in value.get_secret_value():
+                raise ValueError("flower_basic_auth must be user:password, the password at least 12 characters, "
+                                 "no comma")
+        return value
+
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Settings:
         if self.task_soft_time_limit >= self.task_time_limit:
@@ -127,6 +164,11 @@ class Settings(BaseSettings):
                 f"the longest retry countdown ({longest_countdown:g} s) plus task_time_limit must stay below "
                 f"{RABBITMQ_CONSUMER_TIMEOUT_SECONDS:g} s (RabbitMQ's consumer_timeout, and well below the Redis "
                 "visibility timeout), or a waiting retry is redelivered and runs twice"
+            )
+        if self.maintenance_time_limit_seconds >= RABBITMQ_CONSUMER_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"maintenance_time_limit_seconds must stay below {RABBITMQ_CONSUMER_TIMEOUT_SECONDS:g} s "
+                "(RabbitMQ's consumer_timeout), or a long maintenance task is redelivered and runs twice"
             )
         if self.max_file_bytes > self.max_request_bytes:
             raise ValueError("max_file_bytes must not exceed max_request_bytes")
