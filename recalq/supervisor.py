@@ -1,13 +1,15 @@
 """`recalq up` and `recalq demo`: every process of the system in the foreground.
 
 `up` starts embedded PostgreSQL / Redis for whichever of DATABASE_URL / BROKER_URL is unset,
-migrates, and runs the relay, a Celery worker and the HTTP API as child processes until SIGINT or
-SIGTERM; then it stops the API first (no new changes come in), then the relay and the worker (warm
-shutdown), then Redis, then PostgreSQL, and exits 0.
+migrates, and runs the relay, a Celery worker, the HTTP API, celery beat and Flower as child
+processes until SIGINT or SIGTERM; then it stops the API and beat first (no new work comes in),
+then the relay and the worker (warm shutdown), then Flower (it sees the worker go and saves its
+state), then Redis, then PostgreSQL, and exits 0.
 
-The API needs an admin key. With RECALQ_ADMIN_API_KEYS unset, `up` makes one on its first run in
-DATA_DIR/admin-api-key (readable by its owner only) and gives it to the API child on every run;
-it prints where the key is, never the key.
+The API needs an admin key and Flower a password. With RECALQ_ADMIN_API_KEYS unset, `up` makes a
+key on its first run in DATA_DIR/admin-api-key, and with RECALQ_FLOWER_BASIC_AUTH unset a password
+(user "admin") in DATA_DIR/flower-password; both files are readable by their owner only, reused
+by every later run, and `up` prints where they are, never what they hold.
 
 A child or embedded server that dies on its own is reported and ends `up` with status 1 after
 everything else is stopped. It is not restarted: a system that quietly limps on looks healthy
@@ -44,6 +46,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from recalq.flower import LISTENING as FLOWER_LISTENING
+from recalq.flower import flower_config
 from recalq.settings import Settings
 
 if TYPE_CHECKING:
@@ -54,22 +58,46 @@ if TYPE_CHECKING:
 STOP_GRACE_SECONDS = 30.0
 READY_TIMEOUT_SECONDS = 120.0
 LOOK_INSIDE = "TABLE compliance_recalc_queue"
-#: Where `up` keeps the admin API key it made, under the data dir.
+#: Where `up` keeps the admin API key and the Flower password it made, under the data dir.
 ADMIN_KEY_FILE = "admin-api-key"
+FLOWER_PASSWORD_FILE = "flower-password"
+#: The Flower user name that goes with the password `up` made.
+FLOWER_USER = "admin"
+#: Secrets `up` makes are at least this long and are one token without spaces or commas.
+_MIN_SECRET_LENGTH = 24
 #: uvicorn's start-up line; it names the bound address, also when RECALQ_API_PORT=0 picked one.
 _API_LISTENING = re.compile(r"Uvicorn running on (\S+)")
+#: The processes `up` runs besides the embedded services, as its messages name them.
+_EVERYTHING = "relay, worker, API, beat and Flower"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    up = commands.add_parser("up", help="run everything in the foreground until Ctrl-C")
+    from recalq import beat, flower
+
+    beat.add_command(commands)
+    flower.add_command(commands)
+
+    up = commands.add_parser(
+        "up", help="run everything in the foreground until Ctrl-C",
+        description="Runs the relay, a worker, the HTTP API, celery beat and Flower in the foreground, on "
+        "DATABASE_URL and BROKER_URL, or on embedded PostgreSQL and Redis under RECALQ_DATA_DIR for whichever "
+        "is unset; migrates first. Prints where the API and Flower listen and which files hold the admin API key "
+        "and the Flower password it made (DATA_DIR/admin-api-key, DATA_DIR/flower-password). Ctrl-C stops "
+        "everything in order; a process that dies stops everything with exit status 1.",
+    )
     up.set_defaults(run=run_up)
 
-    demo = commands.add_parser("demo", help="`up` plus sample data and live score updates")
+    demo = commands.add_parser(
+        "demo", help="`up` plus sample data and live score updates",
+        description="Runs what `recalq up` runs, then a short script of changes to sample properties through the "
+        "real services, printing each score as the worker lands it; exits when every score has landed (exit "
+        "status 0) unless --keep-running.",
+    )
     demo.add_argument("--keep-running", action="store_true", help="keep running after the script, like `up`")
     demo.add_argument("--pace", type=float, default=2.0, metavar="SECONDS",
                       help="pause between the script's changes (default 2)")
     demo.add_argument("--verbose", action="store_true",
-                      help="print the relay's and worker's logs too (otherwise they go to DATA_DIR/logs)")
+                      help="print every process's logs too (otherwise they go to DATA_DIR/logs)")
     demo.set_defaults(run=run_demo)
 
 
@@ -103,9 +131,8 @@ def _run(
     say = _say("recalq")
     with _signals() as signals:
         try:
-            data_dir = settings.data_dir.absolute()
-            if settings.embedded or not echo_children:
-                data_dir = embedded.prepare_data_dir(data_dir)
+            # Beat's schedule and Flower's state live here even when no service is embedded.
+            data_dir = embedded.prepare_data_dir(settings.data_dir)
             with _exclusive_if(settings.embedded, data_dir), embedded.services(
                 settings, data_dir, _die_with_parent(), say
             ) as services:
@@ -122,19 +149,20 @@ def _run(
                 _migrate(resolved)
                 say("database migrated")
                 api = _api_access(settings, data_dir)
+                flower = _flower_access(settings, data_dir)
                 children = Children(
-                    env=_child_env(services.database_url, services.broker_url),
+                    env=_child_env(services.database_url, services.broker_url, data_dir),
                     echo=echo_children,
                     log_dir=None if echo_children else data_dir / "logs",
                     wake=signals.wake,
                 )
                 try:
-                    return _supervise(children, services, resolved, api, signals, log_level, script, keep_running,
-                                      say)
+                    return _supervise(children, services, resolved, api, flower, signals, log_level, script,
+                                      keep_running, say)
                 finally:
                     started = time.monotonic()
                     children.stop(hurry=signals.hurry)
-                    say(f"relay, worker and API stopped ({time.monotonic() - started:.1f} s)")
+                    say(f"{_EVERYTHING} stopped ({time.monotonic() - started:.1f} s)")
         except (embedded.EmbeddedError, StartupError) as exc:
             print(f"recalq: {exc}", file=sys.stderr, flush=True)
             return 1
@@ -145,12 +173,16 @@ def _supervise(
     services: Services,
     settings: Settings,
     api: ApiAccess,
+    flower: FlowerAccess,
     signals: Signals,
     log_level: str,
     script: Callable[[str, threading.Event], bool] | None,
     keep_running: bool,
     say: Callable[[str], None],
 ) -> int:
+    # `up` learns that a child is ready from a line the child logs at INFO, so none logs less.
+    if logging.getLevelName(log_level) > logging.INFO:
+        log_level = "INFO"
     children.start("relay", [sys.executable, "-m", "recalq", "--log-level", log_level, "relay"],
                    ready_marker="relay connected")
     children.start("worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E",
@@ -158,9 +190,15 @@ def _supervise(
                               # one worker: no neighbours to sync with at start-up or to gossip to
                               "--without-mingle", "--without-gossip"],
                    ready_marker=" ready.")
-    # Stopped first (stage 0): no change comes in while the relay and worker finish theirs.
+    # Stopped first (stage 0): no change comes in, and no scheduled task is sent, while the relay
+    # and worker finish theirs.
     children.start("api", [sys.executable, "-m", "recalq", "--log-level", log_level, "api"],
                    ready_marker="Uvicorn running on", extra_env=api.env, stop_stage=0)
+    children.start("beat", [sys.executable, "-m", "recalq", "--log-level", log_level, "beat"],
+                   ready_marker="beat: Starting...", stop_stage=0)
+    # Stopped last: it sees the worker go offline, then saves what it has seen.
+    children.start("flower", [sys.executable, "-m", "recalq", "--log-level", log_level, "flower"],
+                   ready_marker="Visit me at", extra_env=flower.env, stop_stage=2)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while not children.all_ready():
         if signals.stop.is_set():
@@ -168,19 +206,21 @@ def _supervise(
         if children.failed() or services.dead():
             return _report_failure(children, services)
         if time.monotonic() > deadline:
-            print(f"recalq: the relay, worker and API were not ready within {READY_TIMEOUT_SECONDS:.0f} s; "
-                  "stopping everything.", file=sys.stderr, flush=True)
+            late = ", ".join(c.name for c in children.children if not c.ready.is_set())
+            print(f"recalq: not ready within {READY_TIMEOUT_SECONDS:.0f} s: {late}; stopping everything.",
+                  file=sys.stderr, flush=True)
             return 1
         signals.wake.wait(0.5)
         signals.wake.clear()
-    say("ready: relay, worker and API are running; Ctrl-C stops everything")
+    say(f"ready: {_EVERYTHING} are running; Ctrl-C stops everything")
     base_url = _api_url(children.by_name("api"))
     say(f"API:      {base_url} (interactive docs: {base_url}/docs)")
     say(f"admin API key: {api.key_source} (send it as X-API-Key)")
+    say(f"Flower:   {_flower_url(children.by_name('flower'))} ({flower.credentials_source})")
     url = services.database_url if services.postgres else "$DATABASE_URL"  # never echo a password
     say(f"look inside: {_psql()} \"{url}\" -c '{LOOK_INSIDE}'")
     if children.log_dir is not None:
-        say(f"relay, worker and API logs: {children.log_dir}")
+        say(f"logs of every process: {children.log_dir}")
 
     outcome: list[bool] = []
     if script is not None:
@@ -266,9 +306,35 @@ def _api_access(settings: Settings, data_dir: Path) -> ApiAccess:
 
 
 def _admin_key(path: Path) -> str:
-    """The key in `path`, made on first use. It is written to a private temporary file and
+    return _private_secret(path, "admin API key", "key")
+
+
+# -- the Flower child: its password, its address ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowerAccess:
+    #: Added to Flower's environment: the credentials `up` made, if it made them.
+    env: dict[str, str]
+    #: Where the credentials are, for the user; never the password itself.
+    credentials_source: str
+
+
+def _flower_access(settings: Settings, data_dir: Path) -> FlowerAccess:
+    from recalq.embedded import prepare_data_dir
+
+    if flower_config(settings).basic_auth is not None:
+        return FlowerAccess({}, "user and password from RECALQ_FLOWER_BASIC_AUTH")
+    path = prepare_data_dir(data_dir) / FLOWER_PASSWORD_FILE
+    password = _private_secret(path, "Flower password", "password")
+    return FlowerAccess({"RECALQ_FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{password}"},
+                        f"user {FLOWER_USER}, password in {path}")
+
+
+def _private_secret(path: Path, what: str, noun: str) -> str:
+    """The secret in `path`, made on first use. It is written to a private temporary file and
     hard-linked into place, so the file appears whole and with mode 0600 or not at all, and
-    two runs racing to make it both end up with the first one's key."""
+    two runs racing to make it both end up with the first one's secret."""
     try:
         if not path.exists():
             fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
@@ -281,23 +347,31 @@ def _admin_key(path: Path) -> str:
                     pass
             finally:
                 os.unlink(temporary)
-        key = path.read_text().strip()
+        secret = path.read_text().strip()
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
-        raise StartupError(f"cannot make or read the admin API key file {path} ({exc.strerror}).") from None
-    if len(key) < 24 or any(c.isspace() or c == "," for c in key):
-        raise StartupError(f"{path} does not hold one admin API key of at least 24 characters; "
+        raise StartupError(f"cannot make or read the {what} file {path} ({exc.strerror}).") from None
+    if len(secret) < _MIN_SECRET_LENGTH or any(c.isspace() or c == "," for c in secret):
+        raise StartupError(f"{path} does not hold one {what} of at least {_MIN_SECRET_LENGTH} characters; "
                            "delete it and `recalq up` makes a new one.")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StartupError(f"{path} is readable by other users (mode {mode:o}); `chmod 600` it, or delete it "
-                           "and `recalq up` makes a new key.")
-    return key
+                           f"and `recalq up` makes a new {noun}.")
+    return secret
 
 
 def _api_url(child: Child) -> str:
-    match = _API_LISTENING.search(child.ready_line or "")
-    if match is None:  # the marker matched, so uvicorn changed its wording: say what we know
-        return "(see the API's start-up line)"
+    return _listening_url(child, _API_LISTENING)
+
+
+def _flower_url(child: Child) -> str:
+    return _listening_url(child, FLOWER_LISTENING)
+
+
+def _listening_url(child: Child, pattern: re.Pattern[str]) -> str:
+    match = pattern.search(child.ready_line or "")
+    if match is None:  # the marker matched, so the server changed its wording: say what we know
+        return f"(see the {child.name}'s start-up line)"
     return match.group(1)
 
 
@@ -409,7 +483,7 @@ class Children:
                 child.popen.stdout.close()
 
 
-def _child_env(database_url: str, broker_url: str) -> dict[str, str]:
+def _child_env(database_url: str, broker_url: str, data_dir: Path) -> dict[str, str]:
     import recalq
 
     env = dict(os.environ)
@@ -418,7 +492,10 @@ def _child_env(database_url: str, broker_url: str) -> dict[str, str]:
     # Children import the same code as this process, wherever it was started from.
     root = str(Path(recalq.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.update(RECALQ_DATABASE_URL=database_url, RECALQ_BROKER_URL=broker_url, PYTHONUNBUFFERED="1")
+    # Beat's schedule and Flower's state go in the directory `up` resolved, not in the child's
+    # own reading of a relative RECALQ_DATA_DIR.
+    env.update(RECALQ_DATABASE_URL=database_url, RECALQ_BROKER_URL=broker_url, RECALQ_DATA_DIR=str(data_dir),
+               PYTHONUNBUFFERED="1")
     return env
 
 

