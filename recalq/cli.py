@@ -1,13 +1,23 @@
 """The `recalq` command: run the system and its parts.
 
-    recalq up         everything in the foreground: relay, worker and HTTP API (embedded
-                      PostgreSQL + Redis when DATABASE_URL / BROKER_URL are not set)
+    recalq up         everything in the foreground: API, relay, worker, beat and Flower
+                      (embedded PostgreSQL + Redis when DATABASE_URL / BROKER_URL are not set)
     recalq demo       `up` plus sample data and live score updates
     recalq migrate    apply database migrations
     recalq relay      run one outbox relay
     recalq worker     run a Celery worker (same as `celery -A tasks worker -E`)
+    recalq beat       run celery beat, the periodic maintenance tasks (exactly one)
+    recalq flower     run Flower, the web monitor (needs RECALQ_FLOWER_BASIC_AUTH)
     recalq api        serve the HTTP API (uvicorn; /docs shows it)
     recalq new-key    print a fresh admin API key
+
+Operating it (need DATABASE_URL only):
+    recalq status     the queue per task and status, relay lag, throughput
+    recalq jobs       jobs newest first, filtered by status, key or task
+    recalq requeue    run DEAD jobs again once their cause is fixed (audited)
+    recalq drain      wait until nothing is pending, published, running or retrying
+
+`recalq COMMAND --help` describes each one; docs/operations.md has the runbooks.
 """
 
 from __future__ import annotations
@@ -19,13 +29,17 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
 from recalq.settings import Settings
 
 log = logging.getLogger("recalq")
+
+#: Ids are bigints; `recalq jobs` shows at most the admin API's page size at once.
+MAX_ID = 2**63 - 1
+MAX_JOBS = 200
 
 #: How long the API lets requests in flight finish after SIGTERM; below the supervisor's grace.
 API_GRACEFUL_SHUTDOWN_SECONDS = 10
@@ -42,6 +56,62 @@ its keys when it starts).
     export RECALQ_ADMIN_API_KEYS="$RECALQ_ADMIN_API_KEYS,$(recalq new-key)"   # rotation: old,new
 """
 
+STATUS_HELP = """\
+Prints the outbox_queue_state view: one row per task and job status with the jobs in it now
+(done and superseded are history: -), the age of the oldest, the relay lag (pending only: how
+long the oldest due job has waited for a relay), jobs finished in the last 1 and 5 minutes and
+their rate; then one line over all tasks. Reads the database only (DATABASE_URL).
+
+Exit status: 0, or 2 when the database cannot be reached.
+
+examples:
+  recalq status
+  recalq status --json | jq '.[] | select(.status == "dead") | .jobs'
+  watch -n 5 recalq status
+"""
+JOBS_HELP = """\
+Lists jobs newest first: id, task, coalescing key, status, attempts/max, when it runs next
+(pending, published, running and retrying jobs) and its last error, cut to fit; --json gives
+every column in full. Reads the database only (DATABASE_URL).
+
+examples:
+  recalq jobs --status dead                 # what failed, and why
+  recalq jobs --key property:42             # one property's recent jobs
+  recalq jobs --status retrying --limit 200
+  recalq jobs --status dead --json | jq -r '.[].last_error'
+"""
+REQUEUE_HELP = """\
+Gives DEAD jobs a fresh set of attempts (RECALQ_MAX_ATTEMPTS), after their cause is fixed: one
+job, every dead job of a coalescing key, or every dead job (--all asks first unless --yes).
+If the key already has a job waiting, that job covers the dead one's requests and the dead one
+becomes superseded. Each requeue writes a JOB_REQUEUED audit row with actor system
+"cli:<your user>"; the admin API's POST /api/admin/jobs/{id}/requeue does the same.
+
+Exit status: 0 when requeued (or nothing dead for --key/--all); 1 when the job does not exist
+or is not dead (the message names its status) or --all was not confirmed; 2 when the database
+cannot be reached.
+
+examples:
+  recalq jobs --status dead                 # find the cause first
+  recalq requeue 1234
+  recalq requeue --key property:42
+  recalq requeue --all --yes
+"""
+DRAIN_HELP = """\
+Waits until no job is pending, published, running or retrying, showing what is left, how fast
+it finishes and about how long it will take (on one line in a terminal, else a line every few
+seconds). DEAD jobs do not hold it up; they are reported at the end. Use it before stopping
+workers for maintenance, or after a backlog, to know when the system has caught up. Needs
+workers and a relay to be running somewhere, or nothing will move.
+
+Exit status: 0 when drained; 1 when --timeout passed first (the message says what is left);
+2 when the database cannot be reached.
+
+examples:
+  recalq drain
+  recalq drain --timeout 600 && systemctl stop recalq-worker
+"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -52,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"recalq: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"recalq: invalid settings: {settings_problems(exc)}", file=sys.stderr)
         return 2
     try:
         return args.run(settings, args)
@@ -67,14 +137,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(without_settings=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate = commands.add_parser(
+        "migrate", help="apply database migrations",
+        description="Applies the database migrations up to REVISION (default: head), then makes "
+        "RECALQ_MAX_ATTEMPTS the attempt limit of every task. Safe to run again; run it once per deploy, "
+        "before the new processes start. Needs DATABASE_URL.",
+    )
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(run=_migrate)
 
-    relay = commands.add_parser("relay", help="run one outbox relay until SIGINT/SIGTERM")
+    relay = commands.add_parser(
+        "relay", help="run one outbox relay until SIGINT/SIGTERM",
+        description="Publishes committed outbox jobs to the broker and re-sends lost ones (rescue). "
+        "Several relays at once are safe: each claims its rows with FOR UPDATE SKIP LOCKED. Needs "
+        "DATABASE_URL and BROKER_URL.",
+    )
     relay.set_defaults(run=_relay)
 
-    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker",
+        description="Runs a Celery worker on RECALQ_QUEUE with RECALQ_WORKER_CONCURRENCY processes and "
+        "task events on (the same as `celery -A tasks worker -E`). Arguments after `--` go to `celery "
+        "worker`, e.g. `recalq worker -- -n w1@%h`. Needs DATABASE_URL and BROKER_URL.",
+    )
     worker.add_argument("extra", nargs=argparse.REMAINDER, help="extra `celery worker` arguments")
     worker.set_defaults(run=_worker)
 
@@ -90,10 +175,101 @@ def _parser() -> argparse.ArgumentParser:
                                   description=NEW_KEY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     new_key.set_defaults(run=_new_key, without_settings=True)
 
+    _add_operator_commands(commands)
+
     from recalq import supervisor
 
     supervisor.add_commands(commands)
     return parser
+
+
+def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
+    from outbox import JobStatus
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=functools.partial(_operator, name))
+        return sub
+
+    status = command("status", "the queue as a table: jobs per task and status, relay lag, throughput", STATUS_HELP)
+    status.add_argument("--json", action="store_true", help="print the view's rows as JSON instead")
+
+    jobs = command("jobs", "list jobs newest first, by status, key or task", JOBS_HELP)
+    jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs in this status")
+    jobs.add_argument("--key", type=_key, metavar="KEY", help="only this coalescing key, e.g. property:42")
+    jobs.add_argument("--task", type=_key, metavar="TASK", help="only this task, e.g. compliance.recalculate_property")
+    jobs.add_argument("--limit", type=_bounded_int(1, MAX_JOBS), default=50, metavar="N",
+                      help=f"show at most N jobs (1-{MAX_JOBS}, default 50)")
+    jobs.add_argument("--before-id", type=_bounded_int(1, MAX_ID), metavar="ID",
+                      help="only jobs older than this id (the next page)")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as JSON, with every column")
+
+    requeue = command("requeue", "run DEAD jobs again: one, all of a key, or all", REQUEUE_HELP)
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_id", nargs="?", type=_bounded_int(1, MAX_ID), metavar="JOB_ID", help="one dead job")
+    which.add_argument("--key", type=_key, metavar="KEY", help="every dead job of this coalescing key")
+    which.add_argument("--all", action="store_true", help="every dead job (asks first)")
+    requeue.add_argument("--yes", action="store_true", help="do not ask before requeueing --all")
+
+    drain = command("drain", "wait until no job is pending, published, running or retrying", DRAIN_HELP)
+    drain.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                       help="give up after this long and exit 1 (default: wait as long as it takes)")
+    drain.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                       help="how often to look at the queue (default 1)")
+
+
+def _operator(name: str, settings: Settings, args: argparse.Namespace) -> int:
+    from recalq import operator
+
+    return operator.run(name, getattr(operator, name), settings, args)
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; use {low} to {high}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def _key(text: str) -> str:
+    if not text or len(text) > 200 or "\x00" in text:
+        raise argparse.ArgumentTypeError("must be 1 to 200 characters without NUL")
+    return text
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """Pydantic's report as sentences that name the environment variable to fix."""
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            name = str(error["loc"][0]).upper().removeprefix("RECALQ_")
+            variable = f"{name} (or RECALQ_{name})" if name in _ALIASED else f"RECALQ_{name}"
+            problems.append(f"{variable}: {message[:1].lower()}{message[1:]}")
+        else:
+            problems.append(message)
+    return "; ".join(problems) + "."
+
+
+#: Settings read from an unprefixed variable too.
+_ALIASED = {"DATABASE_URL", "BROKER_URL"}
 
 
 def _require_services(settings: Settings, what: str) -> None:
