@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request, Response
+from pydantic import BaseModel
 
 from services.file_store import FileStore
 from services.uploads import UploadLimits
@@ -63,3 +64,22 @@ IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
 
 #: The response header that marks an answer to a replayed Idempotency-Key.
 REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def mark_replayed(response: Response) -> None:
+    """A replay answers 200 (not 201/202): nothing was created or queued this time."""
+    response.status_code = 200
+    response.headers[REPLAYED_HEADER] = "true"
+
+
+def replay_response(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry for a replay's answer, shared by every mutation route."""
+    return {
+        200: {
+            "model": model,
+            "description": f"A replay (`{REPLAYED_HEADER}: true`): the request was accepted before with this "
+            "Idempotency-Key; nothing changed again, and the body is what the first request made",
+            "headers": {REPLAYED_HEADER: {"description": "Always `true`",
+                                          "schema": {"type": "string", "enum": ["true"]}}},
+        }
+    }

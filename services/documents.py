@@ -144,7 +144,7 @@ def delete_document(
 ) -> DocumentChanged:
     """Soft-deletes a document (client or admin delete)."""
     with conn.transaction():
-        property_id = _property_of_document(conn, document_id)
+        property_id = property_of_document(conn, document_id)
         prop = lock_property_for_change(conn, property_id, correlation_id)
         cur = conn.execute(QUERIES["soft_delete_document"], {"document_id": document_id})
         if cur.rowcount != 1:
@@ -197,7 +197,7 @@ def apply_ai_suggestion(
     validate_requirement_code(requirement_code)
     validate_expiry(expires_at)
     with conn.transaction():
-        property_id = _property_of_document(conn, document_id)
+        property_id = property_of_document(conn, document_id)
         prop = lock_property_for_change(conn, property_id, correlation_id)
         before = _live_document(conn, document_id)
         conn.execute(
@@ -235,7 +235,7 @@ def _set_status(
     action: AuditAction,
 ) -> DocumentChanged:
     with conn.transaction():
-        property_id = _property_of_document(conn, document_id)
+        property_id = property_of_document(conn, document_id)
         prop = lock_property_for_change(conn, property_id, correlation_id)
         current = DocumentStatus(_live_document(conn, document_id)[3])
         if current is status:
@@ -263,7 +263,7 @@ def _live_document(conn: psycopg.Connection, document_id: int) -> tuple:
     return row
 
 
-def _property_of_document(conn: psycopg.Connection, document_id: int) -> int:
+def property_of_document(conn: psycopg.Connection, document_id: int) -> int:
     """The document's property, deleted or not: whether it is still live is checked under the
     property lock, after the replay check, so a replayed delete answers DuplicateRequest."""
     row = conn.execute(QUERIES["document_property"], {"document_id": document_id}).fetchone()

@@ -19,17 +19,31 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from api.dependencies import REPLAYED_HEADER, Conn, IdempotencyKey, Limits, Store, correlation_id
+from api.dependencies import (
+    REPLAYED_HEADER,
+    Conn,
+    IdempotencyKey,
+    Limits,
+    Store,
+    correlation_id,
+    mark_replayed,
+    replay_response,
+)
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, UPLOAD_RESPONSES
 from api.schemas import BreakdownOut, DocumentOut, RecalculationRef, ScoreStatus, StrictModel
 from api.security import Admin
 from outbox import JobStatus, lifecycle
 from services import admin_views, audit, property_views
 from services.client_tokens import IssuedToken, issue_token, revoke_token, tokens_of_client
-from services.documents import DocumentSource, delete_document, reject_document, verify_document
-from services.errors import ClientNotFound, DocumentNotFound, DuplicateRequest, InvalidTransition, NotFound
+from services.documents import (
+    DocumentSource,
+    delete_document,
+    property_of_document,
+    reject_document,
+    verify_document,
+)
+from services.errors import ClientNotFound, DuplicateRequest, InvalidTransition, NotFound
 from services.properties import NewProperty, provision_client
-from services.queries import QUERIES
 from services.recalc_requests import request_manual_recalculation
 from services.scoring import REQUIREMENTS, DocumentStatus
 from services.uploads import IncomingFile, inspect_file, store_and_add_documents
@@ -70,22 +84,6 @@ def _iso_date_only(value: object) -> object:
 
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 IsoDate = Annotated[date, BeforeValidator(_iso_date_only)]
-
-
-def _replayed(response: Response) -> None:
-    response.status_code = 200
-    response.headers[REPLAYED_HEADER] = "true"
-
-
-def _replay_response(model: type[BaseModel], description: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        200: {
-            "model": model,
-            "description": f"{description} (`{REPLAYED_HEADER}: true`): the request was accepted before with "
-            "this Idempotency-Key; nothing changed again",
-            "headers": {REPLAYED_HEADER: {"schema": {"type": "string", "enum": ["true"]}}},
-        }
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def _issued(issued: IssuedToken) -> IssuedTokenOut:
 
 
 @router.post("/clients", status_code=201, response_model=ProvisionedClientOut,
-             responses=_replay_response(ProvisionedClientOut, "A replay"))
+             responses=replay_response(ProvisionedClientOut))
 def provision(body: ProvisionIn, admin: Admin, conn: Conn, key: IdempotencyKey,
               response: Response) -> ProvisionedClientOut:
     """Creates a client with its properties (each queued for its first score, trigger
@@ -160,7 +158,7 @@ def provision(body: ProvisionIn, admin: Admin, conn: Conn, key: IdempotencyKey,
         first = admin_views.audit_of_request(conn, AuditAction.CLIENT_PROVISIONED, cid)
         assert first is not None, "a replayed provisioning left its audit row"
         jobs = admin_views.jobs_of_request(conn, first["details"]["property_ids"], cid)
-        _replayed(response)
+        mark_replayed(response)
         return ProvisionedClientOut(
             client_id=first["client_id"],
             properties=[ProvisionedPropertyOut(property_id=p, job_id=j) for p, j in jobs],
@@ -174,7 +172,7 @@ def provision(body: ProvisionIn, admin: Admin, conn: Conn, key: IdempotencyKey,
 
 
 @router.post("/clients/{client_id}/tokens", status_code=201, response_model=IssuedTokenOut,
-             responses=_replay_response(IssuedTokenOut, "A replay"))
+             responses=replay_response(IssuedTokenOut))
 def issue_client_token(client_id: ClientId, body: TokenIn, admin: Admin, conn: Conn, key: IdempotencyKey,
                        response: Response) -> IssuedTokenOut:
     """Issues another token for the client (rotation: issue, move callers, revoke the old one).
@@ -191,7 +189,7 @@ def issue_client_token(client_id: ClientId, body: TokenIn, admin: Admin, conn: C
             return _issued(issued)
     token = admin_views.token(conn, client_id, first["details"]["token_id"])
     assert token is not None
-    _replayed(response)
+    mark_replayed(response)
     return IssuedTokenOut(token_id=token["token_id"], token=None, label=token["label"],
                           created_at=token["created_at"],
                           note=TOKEN_SHOWN_ONCE.replace("{client_id}", str(client_id)))
@@ -205,7 +203,7 @@ def list_client_tokens(client_id: ClientId, _: Admin, conn: Conn) -> list[TokenO
 
 
 @router.delete("/clients/{client_id}/tokens/{token_id}", status_code=204, response_class=Response,
-               responses=_replay_response(TokenOut, "A replay, with the revoked token"))
+               responses=replay_response(TokenOut))
 def revoke_client_token(client_id: ClientId, token_id: TokenId, admin: Admin, conn: Conn,
                         key: IdempotencyKey) -> Response:
     """Revokes a token: the next request that presents it is refused."""
@@ -255,15 +253,8 @@ def _document(view: property_views.DocumentView) -> DocumentOut:
     return DocumentOut.model_validate(view, from_attributes=True)
 
 
-def _property_of_document(conn: psycopg.Connection, document_id: int) -> int:
-    row = conn.execute(QUERIES["document_property"], {"document_id": document_id}).fetchone()
-    if row is None:
-        raise DocumentNotFound(f"document {document_id} does not exist")
-    return row[0]
-
-
 @router.post("/properties/{property_id}/documents", status_code=201, response_model=DocumentsAddedOut,
-             responses={**UPLOAD_RESPONSES, **_replay_response(DocumentsAddedOut, "A replay")})
+             responses={**UPLOAD_RESPONSES, **replay_response(DocumentsAddedOut)})
 def upload_document(
     property_id: PropertyId,
     admin: Admin,
@@ -295,7 +286,7 @@ def upload_document(
             trigger=TriggerReason.ADMIN_UPLOAD, correlation_id=cid,
         )
     except DuplicateRequest as replay:
-        _replayed(response)
+        mark_replayed(response)
         documents = property_views.documents_uploaded_by_request(conn, property_id, cid)
         return DocumentsAddedOut(documents=[_document(d) for d in documents],
                                  recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
@@ -305,7 +296,7 @@ def upload_document(
 
 
 @router.delete("/documents/{document_id}", response_model=DocumentDeletedOut,
-               responses=_replay_response(DocumentDeletedOut, "The deletion, or a replay"))
+               responses=replay_response(DocumentDeletedOut))
 def delete_any_document(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKey,
                         response: Response) -> DocumentDeletedOut:
     """Soft-deletes a document of any property (trigger `admin_delete`); its file is kept."""
@@ -314,8 +305,8 @@ def delete_any_document(document_id: DocumentId, admin: Admin, conn: Conn, key: 
         changed = delete_document(conn, document_id=document_id, actor=admin.actor,
                                   trigger=TriggerReason.ADMIN_DELETE, correlation_id=cid)
     except DuplicateRequest as replay:
-        _replayed(response)
-        property_id = _property_of_document(conn, document_id)
+        mark_replayed(response)
+        property_id = property_of_document(conn, document_id)
         return DocumentDeletedOut(document_id=document_id, property_id=property_id,
                                   recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
     return DocumentDeletedOut(document_id=document_id, property_id=changed.property_id,
@@ -323,7 +314,7 @@ def delete_any_document(document_id: DocumentId, admin: Admin, conn: Conn, key: 
 
 
 def _changed(conn: psycopg.Connection, document_id: int, job_id: int | None) -> DocumentChangedOut:
-    property_id = _property_of_document(conn, document_id)
+    property_id = property_of_document(conn, document_id)
     document = property_views.document_of_property(conn, property_id, document_id, include_deleted=True)
     assert job_id is not None
     return DocumentChangedOut(document=_document(document),
@@ -331,7 +322,7 @@ def _changed(conn: psycopg.Connection, document_id: int, job_id: int | None) -> 
 
 
 @router.post("/documents/{document_id}/verify", response_model=DocumentChangedOut,
-             responses={**CONFLICT_RESPONSES, **_replay_response(DocumentChangedOut, "Verified, or a replay")})
+             responses={**CONFLICT_RESPONSES, **replay_response(DocumentChangedOut)})
 def verify(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKey,
            response: Response) -> DocumentChangedOut:
     """Marks a document verified (trigger `verify`); 409 if it already is."""
@@ -339,13 +330,13 @@ def verify(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKe
     try:
         changed = verify_document(conn, document_id=document_id, actor=admin.actor, correlation_id=cid)
     except DuplicateRequest as replay:
-        _replayed(response)
+        mark_replayed(response)
         return _changed(conn, document_id, replay.job_id)
     return _changed(conn, document_id, changed.job_id)
 
 
 @router.post("/documents/{document_id}/reject", response_model=DocumentChangedOut,
-             responses={**CONFLICT_RESPONSES, **_replay_response(DocumentChangedOut, "Rejected, or a replay")})
+             responses={**CONFLICT_RESPONSES, **replay_response(DocumentChangedOut)})
 def reject(document_id: DocumentId, body: RejectIn, admin: Admin, conn: Conn, key: IdempotencyKey,
            response: Response) -> DocumentChangedOut:
     """Marks a document rejected with a reason (trigger `reject`); 409 if it already is."""
@@ -354,7 +345,7 @@ def reject(document_id: DocumentId, body: RejectIn, admin: Admin, conn: Conn, ke
         changed = reject_document(conn, document_id=document_id, reason=body.reason, actor=admin.actor,
                                   correlation_id=cid)
     except DuplicateRequest as replay:
-        _replayed(response)
+        mark_replayed(response)
         return _changed(conn, document_id, replay.job_id)
     return _changed(conn, document_id, changed.job_id)
 
@@ -423,7 +414,7 @@ class RecalcStatusOut(BaseModel):
 
 
 @router.post("/properties/{property_id}/recalculate", status_code=202, response_model=RecalculationRef,
-             responses=_replay_response(RecalculationRef, "A replay"))
+             responses=replay_response(RecalculationRef))
 def recalculate(property_id: PropertyId, admin: Admin, conn: Conn, key: IdempotencyKey,
                 response: Response) -> RecalculationRef:
     """Queues a fresh recalculation (trigger `manual_recalculation`); it also checks for drift."""
@@ -431,7 +422,7 @@ def recalculate(property_id: PropertyId, admin: Admin, conn: Conn, key: Idempote
     try:
         job_id = request_manual_recalculation(conn, property_id, actor=admin.actor, correlation_id=cid)
     except DuplicateRequest as replay:
-        _replayed(response)
+        mark_replayed(response)
         assert replay.job_id is not None
         job_id = replay.job_id
     return RecalculationRef(job_id=job_id, property_id=property_id)
@@ -518,7 +509,7 @@ def list_jobs(
 
 
 @router.post("/jobs/{job_id}/requeue", response_model=RequeuedOut,
-             responses={**CONFLICT_RESPONSES, **_replay_response(RequeuedOut, "Requeued, or a replay")})
+             responses={**CONFLICT_RESPONSES, **replay_response(RequeuedOut)})
 def requeue(job_id: JobId, admin: Admin, conn: Conn, key: IdempotencyKey, response: Response) -> RequeuedOut:
     """Gives a DEAD job a fresh set of attempts; 409 if the job is not dead."""
     cid = correlation_id(admin.actor, key)
@@ -536,5 +527,5 @@ def requeue(job_id: JobId, admin: Admin, conn: Conn, key: IdempotencyKey, respon
                          correlation_id=cid, details={"runs_as": runs})
         else:
             runs = first["details"]["runs_as"]
-            _replayed(response)
+            mark_replayed(response)
     return RequeuedOut(job_id=runs, status=admin_views.job_status(conn, runs))

@@ -17,7 +17,16 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Respon
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from api.dependencies import REPLAYED_HEADER, Conn, IdempotencyKey, Limits, Store, correlation_id
+from api.dependencies import (
+    REPLAYED_HEADER,
+    Conn,
+    IdempotencyKey,
+    Limits,
+    Store,
+    correlation_id,
+    mark_replayed,
+    replay_response,
+)
 from api.problems import COMMON_RESPONSES, PROBLEM_MEDIA_TYPE, UPLOAD_RESPONSES, Problem
 from api.schemas import DocumentOut, PropertyOut, RecalculationRef, StrictModel
 from api.security import Client, ClientCaller, require_client
@@ -125,12 +134,6 @@ class AiAppliedOut(BaseModel):
     recalculation: RecalculationRef
 
 
-def _replay_response(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "description": "A replay of an accepted Idempotency-Key: nothing changed; "
-                  "the body is what the first request made",
-                  "headers": {REPLAYED_HEADER: {"description": "Always `true`", "schema": {"type": "string"}}}}}
-
-
 _WRONG_MEDIA_TYPE: dict[int | str, dict[str, Any]] = {
     415: {"model": Problem, "description": "The request body is not of the media type this endpoint reads",
           "content": {PROBLEM_MEDIA_TYPE: {}}},
@@ -166,7 +169,7 @@ _MULTIPART_CLIENT = [Depends(require_client), Depends(_multipart_only)]
 # -- properties ----------------------------------------------------------------------------
 
 @router.post("/properties", status_code=201, response_model=CreatedPropertyOut, dependencies=_JSON_CLIENT,
-             responses={**_replay_response(CreatedPropertyOut), **_WRONG_MEDIA_TYPE, 413: UPLOAD_RESPONSES[413]})
+             responses={**replay_response(CreatedPropertyOut), **_WRONG_MEDIA_TYPE, 413: UPLOAD_RESPONSES[413]})
 def create_client_property(
     body: NewPropertyIn, caller: Client, conn: Conn, key: IdempotencyKey, response: Response
 ) -> CreatedPropertyOut:
@@ -186,7 +189,7 @@ def create_client_property(
     if replayed:
         if (view.name, view.has_gas_supply) != (body.name, body.has_gas_supply):
             raise _key_reused()  # the key made a property with other values: another request
-        _mark_replay(response)
+        mark_replayed(response)
     return CreatedPropertyOut(**_property_out(view).model_dump(),
                               recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
 
@@ -215,7 +218,7 @@ def list_client_documents(property_id: PropertyId, caller: Client, conn: Conn) -
 
 @router.post("/properties/{property_id}/documents", status_code=201, response_model=DocumentsAddedOut,
              dependencies=_MULTIPART_CLIENT,
-             responses={**UPLOAD_RESPONSES, **_replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
+             responses={**UPLOAD_RESPONSES, **replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
 def upload_client_document(
     property_id: PropertyId,
     file: Annotated[UploadFile, File(description="A PDF or UTF-8 text file, not empty",
@@ -241,7 +244,7 @@ def upload_client_document(
 
 @router.post("/properties/{property_id}/documents/bulk", status_code=201, response_model=DocumentsAddedOut,
              dependencies=_MULTIPART_CLIENT,
-             responses={**UPLOAD_RESPONSES, **_replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
+             responses={**UPLOAD_RESPONSES, **replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
 def upload_client_documents(
     property_id: PropertyId,
     files: Annotated[list[UploadFile], File(
@@ -283,7 +286,7 @@ def upload_client_documents(
 
 @router.post("/properties/{property_id}/documents/zip", status_code=201, response_model=DocumentsAddedOut,
              dependencies=_MULTIPART_CLIENT,
-             responses={**UPLOAD_RESPONSES, **_replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
+             responses={**UPLOAD_RESPONSES, **replay_response(DocumentsAddedOut), **_WRONG_MEDIA_TYPE})
 def upload_client_zip(
     property_id: PropertyId,
     archive: Annotated[UploadFile, File(description="A ZIP of PDF or text files. Each file's requirement comes "
@@ -332,7 +335,7 @@ def delete_client_document(
                 conn, property_id, document_id, AuditAction.DOCUMENT_DELETED, cid):
             raise _key_reused() from replay
         job_id = replay.job_id
-        _mark_replay(response)
+        mark_replayed(response)
     return DocumentDeletedOut(document_id=document_id,
                               recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
 
@@ -371,7 +374,7 @@ def apply_client_suggestion(
                 conn, property_id, document_id, AuditAction.AI_SUGGESTION_APPLIED, cid):
             raise _key_reused() from replay
         suggestion, job_id = suggest_for_document(conn, store, document_id=document_id), replay.job_id
-        _mark_replay(response)
+        mark_replayed(response)
     document = property_views.document_of_property(conn, property_id, document_id, include_deleted=True)
     return AiAppliedOut(suggestion=_suggestion_out(suggestion), document=_document_out(document),
                         recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
@@ -416,7 +419,7 @@ def _add_documents(
         sent = sorted((file.sha256, file.file_name) for file, _, _ in files)
         if replay.job_id is None or sorted((d.sha256, d.file_name) for d in documents) != sent:
             raise _key_reused() from replay
-        _mark_replay(response)
+        mark_replayed(response)
         return DocumentsAddedOut(documents=[_document_out(d) for d in documents],
                                  recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
     documents = property_views.documents_by_ids(conn, property_id, document_ids)
@@ -433,11 +436,6 @@ def _key_reused() -> InvalidInput:
 
 def _invalid(message: str, field: str, rule: str) -> InvalidInput:
     return InvalidInput(message, field=field, rule=rule)
-
-
-def _mark_replay(response: Response) -> None:
-    response.status_code = 200
-    response.headers[REPLAYED_HEADER] = "true"
 
 
 def _property_out(view: property_views.PropertyView) -> PropertyOut:

@@ -6,7 +6,6 @@ worker, as an operator reruns one, to show each reaches its service."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -24,26 +23,13 @@ from tests.harness.data import new_document, provision, upload
 from tests.harness.invariants import assert_invariants
 from tests.harness.jobs import effects_of, job_row, property_with_one_job
 from tests.harness.services import brokers
-from tests.harness.system import Process, System, wait_until
+from tests.harness.system import System, wait_until
 
 pytestmark = pytest.mark.broker
 
 #: The beat ticks every half second; the worker's rescue treats a job as lost after one second.
 BEAT_FAST = {"RECALQ_RESCUE_INTERVAL_SECONDS": "0.5"}
 RESCUE_FAST = {"RECALQ_RESCUE_AFTER_SECONDS": "1"}
-
-
-def start_beat(system: System, schedule_dir: Path, env: dict[str, str]) -> Process:
-    proc = system._spawn(
-        "beat",
-        [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
-         "-s", str(schedule_dir / "celerybeat-schedule")],
-        ready_marker="beat: Starting",
-        env=env,
-    )
-    if not proc.ready.wait(60) or proc.popen.poll() is not None:
-        raise AssertionError(f"beat did not start:\n{proc.output()}")
-    return proc
 
 
 def score_waiting_jobs(database_url: str, as_of: date) -> None:
@@ -73,7 +59,7 @@ def test_beat_sends_the_rescue_task_and_a_worker_finishes_a_job_whose_message_wa
                    "publish_count = 1 WHERE id = %s", [job_id])
 
         system.start_worker(env=RESCUE_FAST)
-        beat = start_beat(system, tmp_path, BEAT_FAST)
+        beat = system.start_beat(tmp_path, BEAT_FAST)
         system.wait_idle(timeout=60)
 
         row = job_row(db, job_id)

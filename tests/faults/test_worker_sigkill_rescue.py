@@ -15,7 +15,6 @@ Either way attempt 1 counts as lost, attempt 2 applies the job, and its effects 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 
 from tests.harness.invariants import assert_invariants
 from tests.harness.jobs import effects_of, job_row, property_with_one_job
-from tests.harness.system import Process, System, wait_until
+from tests.harness.system import System, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -46,19 +45,6 @@ def lease_settings(system: System) -> dict[str, str]:
     if system.broker_url.startswith("redis"):
         return {"RECALQ_TASK_SOFT_TIME_LIMIT": "6", "RECALQ_TASK_TIME_LIMIT": "7", "RECALQ_JOB_LEASE_SECONDS": "8"}
     return {"RECALQ_TASK_SOFT_TIME_LIMIT": "8", "RECALQ_TASK_TIME_LIMIT": "10", "RECALQ_JOB_LEASE_SECONDS": "20"}
-
-
-def start_beat(system: System, schedule_dir: Path, env: dict[str, str]) -> Process:
-    proc = system._spawn(
-        "beat",
-        [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
-         "-s", str(schedule_dir / "celerybeat-schedule")],
-        ready_marker="beat: Starting",
-        env=env,
-    )
-    if not proc.ready.wait(60) or proc.popen.poll() is not None:
-        raise AssertionError(f"beat did not start:\n{proc.output()}")
-    return proc
 
 
 def test_a_whole_worker_killed_mid_recalculation_has_its_job_rescued_and_applied_exactly_once(
@@ -89,7 +75,7 @@ def test_a_whole_worker_killed_mid_recalculation_has_its_job_rescued_and_applied
         assert effects_of(db, job_id)["snapshots"] == 0  # rolled back with the dead backend
 
         system.start_worker(env={**lease, **RESCUE_FAST})
-        start_beat(system, tmp_path, {**lease, **BEAT_FAST})
+        system.start_beat(tmp_path, {**lease, **BEAT_FAST})
         system.wait_idle(timeout=60)
 
         row = job_row(db, job_id)

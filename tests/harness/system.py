@@ -125,6 +125,18 @@ class System:
             raise AssertionError(f"relay did not start:\n{proc.output()}")
         return proc
 
+    def start_beat(self, schedule_dir: Path, env: dict[str, str] | None = None) -> Process:
+        proc = self._spawn(
+            "beat",
+            [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
+             "-s", str(schedule_dir / "celerybeat-schedule")],
+            ready_marker="beat: Starting",
+            env=env or {},
+        )
+        if not proc.ready.wait(60) or proc.popen.poll() is not None:
+            raise AssertionError(f"beat did not start:\n{proc.output()}")
+        return proc
+
     def kill(self, proc: Process, sig: int = signal.SIGKILL) -> None:
         if proc.popen.poll() is None:
             os.killpg(proc.popen.pid, sig)
