@@ -140,7 +140,7 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 print("ready", flush=True)
 while True:
-    time.sleep(0.05)
+    signal.pause()  # idle until SIGTERM runs on_term
 """
 
 
