@@ -105,7 +105,11 @@ class Runtime:
         s = self.settings
         return Relay(
             connect=self.connect,
-            publish=CeleryPublisher(self.celery_app, s.queue),
+            # RabbitMQ: publisher confirms, pipelined per batch. Redis has none: a pipeline.
+            publish=CeleryPublisher(
+                self.celery_app, s.queue,
+                confirms=s.broker_is_rabbitmq, confirm_timeout=s.broker_timeout_seconds,
+            ),
             batch_size=s.relay_batch_size,
             claim_lease_seconds=s.relay_claim_lease_seconds,
             poll_seconds=s.relay_poll_seconds,
