@@ -2,7 +2,8 @@
 -- (migrations/functions/outbox_v1.sql) so that producers and workers in any language share it.
 
 -- name: enqueue_request
--- The producer contract; see docs/producer-contract.md.
+-- The producer contract; see docs/producer-contract.md. Defined in
+-- migrations/functions/outbox_v2.sql (a join locks the waiting job instead of rewriting it).
 SELECT job_id, request_id, created_request, created_job
   FROM outbox_enqueue_request(%(task)s, %(coalescing_key)s, %(payload)s, %(correlation_id)s,
                               %(trigger_reason)s, %(actor_type)s, %(actor_id)s, %(max_attempts)s)
@@ -44,13 +45,16 @@ UPDATE outbox_job SET claimed_until = NULL WHERE id = ANY(%(ids)s)
 -- not changed: the worker's fenced start decides what the new delivery may do, so re-sending
 -- a job that was not lost after all is a harmless duplicate. rescued_at throttles re-sending
 -- to once per grace period.
+-- A running job is taken over only takeover_grace after its lease ran out: a worker that lost
+-- the database mid-run resumes the same attempt by its own retry within that time, and a
+-- re-send arriving first would count a new attempt, so an outage would burn attempts.
 UPDATE outbox_job j
    SET claimed_until = now() + make_interval(secs => %(lease_seconds)s)
   FROM (SELECT id
           FROM outbox_job
          WHERE ((status = 'published' AND published_at < now() - make_interval(secs => %(grace_seconds)s))
              OR (status = 'retrying' AND next_run_at < now() - make_interval(secs => %(grace_seconds)s))
-             OR (status = 'running' AND lease_expires_at < now()))
+             OR (status = 'running' AND lease_expires_at < now() - make_interval(secs => %(takeover_grace_seconds)s)))
            AND (rescued_at IS NULL OR rescued_at < now() - make_interval(secs => %(grace_seconds)s))
            AND (claimed_until IS NULL OR claimed_until < now())
          ORDER BY id

@@ -69,6 +69,7 @@ class Relay:
         max_error_backoff_seconds: float = 5.0,
         rescue_after_seconds: float = 300.0,
         rescue_interval_seconds: float = 30.0,
+        takeover_grace_seconds: float = 60.0,
         probe: Probe = no_probe,
     ) -> None:
         self._connect = connect
@@ -81,6 +82,9 @@ class Relay:
         #: A job is presumed lost this long after it should have started (published or due).
         self._rescue_after_seconds = rescue_after_seconds
         self._rescue_interval_seconds = rescue_interval_seconds
+        #: A running job's lease must have run out this long ago before it is presumed lost:
+        #: longer than the worker's own retry after a database outage takes to come back.
+        self._takeover_grace_seconds = takeover_grace_seconds
 
     def run_pass(self, conn: psycopg.Connection) -> PassResult:
         """One claim → publish → mark cycle on an open connection (not in a transaction)."""
@@ -103,6 +107,7 @@ class Relay:
             claim=("claim_lost_jobs", {
                 "lease_seconds": self._claim_lease_seconds,
                 "grace_seconds": self._rescue_after_seconds,
+                "takeover_grace_seconds": self._takeover_grace_seconds,
                 "limit": self._batch_size,
             }),
             mark="mark_rescued",

@@ -115,6 +115,9 @@ class Runtime:
             poll_seconds=s.relay_poll_seconds,
             rescue_after_seconds=s.rescue_after_seconds,
             rescue_interval_seconds=s.rescue_interval_seconds,
+            # Twice the longest infrastructure retry countdown (jitter included): a worker cut
+            # off from the database resumes its own attempt before the rescue takes it over.
+            takeover_grace_seconds=2 * s.infra_retry_max_seconds,
             probe=probe_from_spec(s.fault),
         )
 

@@ -331,7 +331,10 @@ def test_rescue_resends_exactly_the_jobs_that_look_lost_with_their_task_ids(data
     due_retrying = retrying_job(database_url, db)  # due now, but not past the grace period
 
     expired_running = running_job(database_url, db)
-    backdate(db, expired_running, lease_expires_at="1 second")
+    backdate(db, expired_running, lease_expires_at="10 minutes")
+    # Its worker may be about to resume the attempt after an outage: not taken over yet.
+    just_expired_running = running_job(database_url, db)
+    backdate(db, just_expired_running, lease_expires_at="1 second")
     live_running = running_job(database_url, db)
 
     done = running_job(database_url, db)
@@ -344,9 +347,9 @@ def test_rescue_resends_exactly_the_jobs_that_look_lost_with_their_task_ids(data
     backdate(db, old_pending, next_run_at="1 hour")
 
     before = {i: job(db, i) for (i,) in db.execute("SELECT id FROM outbox_job").fetchall()}
-    assert len(before) == 9
+    assert len(before) == 10
     recorder = Recorder()
-    relay = make_relay(database_url, recorder, rescue_after_seconds=GRACE)
+    relay = make_relay(database_url, recorder, rescue_after_seconds=GRACE, takeover_grace_seconds=GRACE)
     assert relay.rescue_pass(db).published == 3
 
     lost = {old_published, overdue_retrying, expired_running}
@@ -362,7 +365,9 @@ def test_rescue_resends_exactly_the_jobs_that_look_lost_with_their_task_ids(data
             assert now["rescued_at"] is not None
         else:
             assert (now["rescue_count"], now["rescued_at"]) == (0, None), f"job {job_id} was rescued"
-    assert {fresh_published, due_retrying, live_running, done, dead, old_pending}.isdisjoint(recorder.job_ids())
+    assert {fresh_published, due_retrying, just_expired_running, live_running, done, dead, old_pending}.isdisjoint(
+        recorder.job_ids()
+    )
 
 
 def test_a_rescued_job_is_resent_at_most_once_per_grace_period(database_url: str, db) -> None:
