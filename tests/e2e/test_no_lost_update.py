@@ -20,14 +20,18 @@ from tests.harness.system import System, wait_until
 FAR = date(2031, 6, 30)
 
 
-def paused_after_reading(conn: psycopg.Connection) -> bool:
-    """A worker transaction read the documents and now sits at the fault point, holding the lock."""
-    row = conn.execute(
-        """SELECT count(*) FROM pg_stat_activity
-            WHERE datname = current_database() AND state = 'idle in transaction'
-              AND query LIKE '%FROM documents%deleted_at IS NULL%'"""
-    ).fetchone()
-    return row is not None and row[0] == 1
+def paused_after_reading(database_url: str, property_id: int) -> bool:
+    """A worker transaction read the documents and now sits at the fault point, holding the
+    property's row lock (nothing else locks it here). Asked of the lock itself: the text of the
+    worker's last statement depends on how it batches its statements."""
+    with psycopg.connect(database_url) as probe:
+        try:
+            probe.execute("SELECT 1 FROM properties WHERE id = %s FOR SHARE NOWAIT", [property_id])
+        except psycopg.errors.LockNotAvailable:
+            return True
+        finally:
+            probe.rollback()
+    return False
 
 
 def waits_on_a_lock(conn: psycopg.Connection, backend_pid: int) -> bool:
@@ -52,7 +56,8 @@ def test_a_mutation_committed_while_the_recalculation_computes_is_reflected_once
         [first_job] = conn.execute("SELECT id FROM outbox_job").fetchone()
         system.start_worker(env={"RECALQ_FAULT": f"recalculation.after_read_state=wait:{gate}"})
         system.start_relay()
-        wait_until(lambda: paused_after_reading(conn), 60, "the worker to pause after reading the state")
+        wait_until(lambda: paused_after_reading(database_url, property_id), 60,
+                   "the worker to pause after reading the state")
 
         with connect(database_url) as mutator, ThreadPoolExecutor(1) as pool:
             mutation = pool.submit(
