@@ -35,6 +35,8 @@ class StartOutcome(StrEnum):
 class FailOutcome(StrEnum):
     RETRYING = "retrying"
     DEAD = "dead"
+    #: The key already has a waiting job; it covers this job's requests, so no retry is needed.
+    SUPERSEDED = "superseded"
     #: The attempt had been fenced out; nothing was recorded.
     STALE = "stale"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -17,6 +18,7 @@ from psycopg import errors
 import outbox
 from outbox import lifecycle
 from outbox.lifecycle import FailOutcome, StartOutcome
+from tests.harness.system import wait_until
 
 TASK = "compliance.recalculate_property"
 LEASE = 60.0
@@ -311,6 +313,58 @@ def test_a_retryable_failure_of_the_last_attempt_makes_the_job_dead(conn: psycop
 
     row = job(conn, job_id)
     assert (row["status"], row["attempts"], row["last_error"], row["finished"]) == ("dead", 2, "boom 2", True)
+
+
+def test_a_retryable_failure_while_the_key_has_a_waiting_job_is_superseded_by_that_job(
+    conn: psycopg.Connection, key: str
+) -> None:
+    running = new_job(conn, key, correlation_id="corr-1")
+    started = start(conn, running)
+    waiting = new_job(conn, key, correlation_id="corr-2")  # a mutation landed while it ran
+
+    assert fail(conn, running, started.attempt, retryable=True) is FailOutcome.SUPERSEDED
+
+    row = job(conn, running)
+    assert (row["status"], row["superseded_by"], row["last_error"], row["finished"], row["lease_expires_at"]) == (
+        "superseded", waiting, "boom 1", True, None,
+    )
+    assert job(conn, waiting)["status"] == "pending"
+
+
+def test_a_retryable_failure_racing_a_producer_that_creates_the_waiting_job_is_superseded_by_it(
+    conn: psycopg.Connection, module_database_url: str, key: str
+) -> None:
+    running = new_job(conn, key, correlation_id="corr-1")
+    started = start(conn, running)
+    with psycopg.connect(module_database_url) as producer, ThreadPoolExecutor(1) as pool:
+        waiting = outbox.enqueue(
+            producer, task=TASK, coalescing_key=key, payload={"property_id": 1},
+            correlation_id="corr-2", trigger_reason="client_upload", actor_type="client",
+        ).job_id  # not committed yet: the failure's update must wait on its index entry
+        failing = pool.submit(fail, conn, running, started.attempt, retryable=True)
+        with psycopg.connect(module_database_url, autocommit=True) as probe:
+            wait_until(
+                lambda: probe.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+                ).fetchone() == ("Lock",),
+                10, "the failure to wait on the producer's new job",
+            )
+        producer.commit()
+        assert failing.result(timeout=10) is FailOutcome.SUPERSEDED
+
+    assert (job(conn, running)["status"], job(conn, running)["superseded_by"]) == ("superseded", waiting)
+    assert job(conn, waiting)["status"] == "pending"
+
+
+def test_a_permanent_failure_while_the_key_has_a_waiting_job_still_makes_the_job_dead(
+    conn: psycopg.Connection, key: str
+) -> None:
+    running = new_job(conn, key, correlation_id="corr-1")
+    started = start(conn, running)
+    new_job(conn, key, correlation_id="corr-2")
+
+    assert fail(conn, running, started.attempt, retryable=False) is FailOutcome.DEAD
+    assert job(conn, running)["status"] == "dead"
 
 
 def test_a_permanent_failure_makes_the_job_dead_at_once(conn: psycopg.Connection, key: str) -> None:
