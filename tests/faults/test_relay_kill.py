@@ -10,23 +10,23 @@ from __future__ import annotations
 import pickle
 import signal
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from celery import Celery
 from kombu import Connection
 
-from outbox.relay import OutboxMessage
-from recalq.bootstrap import Runtime
-from recalq.publisher import CeleryPublisher
-from recalq.settings import Settings
 from tests.harness.invariants import assert_invariants
 from tests.harness.jobs import effects_of, job_row, property_with_one_job, task_log
-from tests.harness.system import FAST_SETTINGS, Process, System, wait_until
+from tests.harness.system import (
+    System,
+    celery_app,
+    publish_jobs_again,
+    queue_depth,
+    start_together,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -40,39 +40,12 @@ def sigkill_leftovers(system: System) -> Iterator[None]:
         system.kill(proc)
 
 
-def start_together(*starts: Callable[[], Process]) -> list[Process]:
-    """Starts processes side by side when their order does not matter (each takes seconds)."""
-    with ThreadPoolExecutor(len(starts)) as pool:
-        return [future.result() for future in [pool.submit(start) for start in starts]]
-
-
 RESCUE_FAST = {"RECALQ_RESCUE_AFTER_SECONDS": "1", "RECALQ_RESCUE_INTERVAL_SECONDS": "0.5"}
-
-
-def queue_depth(system: System) -> int:
-    """Messages waiting in the test's queue (not counting ones a worker holds unacked)."""
-    with Connection(system.broker_url, connect_timeout=5) as conn:
-        try:
-            return conn.default_channel.queue_declare(queue=system.queue, passive=True).message_count
-        except conn.channel_errors:
-            return 0  # never declared, or (Redis) emptied: an empty list does not exist there
 
 
 def purge_queue(system: System) -> None:
     with Connection(system.broker_url, connect_timeout=5) as conn:
         conn.default_channel.queue_purge(system.queue)
-
-
-@contextmanager
-def celery_app(system: System) -> Iterator[Celery]:
-    """The app a recalq process would build for this system, in the test process."""
-    fast = {key.removeprefix("RECALQ_").lower(): value for key, value in FAST_SETTINGS.items()}
-    settings = Settings(database_url=system.database_url, broker_url=system.broker_url, queue=system.queue, **fast)
-    app = Runtime(settings).celery_app
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def killed_relay(system: System, point: str) -> None:
@@ -132,6 +105,26 @@ def test_t02_a_relay_killed_after_claiming_leaves_the_row_to_be_published_after_
         assert_invariants(db, [property_id])
 
 
+def test_a_relay_killed_after_marking_leaves_one_message_and_nothing_to_publish_again(
+    system: System, database_url: str
+) -> None:
+    property_id, job_id = property_with_one_job(database_url)
+    killed_relay(system, "relay.after_mark")
+    with system.connect() as db:
+        marked = job_row(db, job_id)
+        assert (marked["status"], marked["publish_count"], marked["claimed_until"]) == ("published", 1, None)
+        wait_until(lambda: queue_depth(system) == 1, timeout=10, what="the dead relay's message in the queue")
+
+        worker, _ = start_together(system.start_worker, system.start_relay)
+        system.wait_idle(timeout=60)
+        row = job_row(db, job_id)
+        assert (row["status"], row["publish_count"], row["attempts"]) == ("done", 1, 1)
+        assert len(task_log([worker], row["task_id"], "received")) == 1, "the job was published again"
+        assert queue_depth(system) == 0
+        assert effects_of(db, job_id) == {"snapshots": 1, "audits": 1, "applied_by_attempts": [1]}
+        assert_invariants(db, [property_id])
+
+
 def test_t17_one_message_delivered_three_times_concurrently_is_applied_once(
     system: System, database_url: str
 ) -> None:
@@ -139,9 +132,7 @@ def test_t17_one_message_delivered_three_times_concurrently_is_applied_once(
     workers = start_together(lambda: system.start_worker(concurrency=2), lambda: system.start_worker(concurrency=2))
     with system.connect() as db:
         row = job_row(db, job_id)
-        message = OutboxMessage(job_id=job_id, task=row["task"], payload=row["payload"], task_id=row["task_id"])
-        with celery_app(system) as app:
-            CeleryPublisher(app, system.queue)([message, message, message])
+        publish_jobs_again(system, db, job_id, job_id, job_id)
 
         system.wait_idle(timeout=60)
         wait_until(lambda: len(task_log(workers, row["task_id"], "succeeded")) == 3, timeout=20,

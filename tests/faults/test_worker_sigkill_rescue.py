@@ -59,9 +59,13 @@ def test_a_whole_worker_killed_mid_recalculation_has_its_job_rescued_and_applied
 
     with system.connect() as db:
         def paused_before_commit() -> bool:
+            # A transaction still open whose last statement completed the job. Its state is
+            # 'idle in transaction', or 'active' when the worker pipelines its statements (no
+            # Sync is sent until the COMMIT).
             row = db.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND state = 'idle in transaction' AND query LIKE '%%outbox_complete%%'").fetchone()
+                "AND state IN ('idle in transaction', 'active') AND xact_start IS NOT NULL "
+                "AND pid <> pg_backend_pid() AND query LIKE '%%outbox_complete%%'").fetchone()
             return row is not None and row[0] == 1
 
         wait_until(paused_before_commit, timeout=30, what=f"the attempt to pause before commit:\n{system.logs()}")

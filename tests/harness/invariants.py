@@ -4,7 +4,8 @@ I1 no property is pending unless its latest job is DEAD
 I2 every stored score equals the formula on the current data (as of the stored date)
 I3 one history snapshot and one COMPLIANCE_SCORE_UPDATED row per applied job, never more
 I4 no committed job is left unpublished or unfinished
-I5 attempts never exceed max_attempts; DEAD jobs record why
+I5 attempts never exceed max_attempts; DEAD jobs record why, and a recalculation's death is
+   audited (COMPLIANCE_RECALC_FAILED)
 I6 no advisory lock is left behind
 """
 
@@ -16,6 +17,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from services.scoring import Document, DocumentStatus, ScoringInputs, score
+from services.vocabulary import RECALCULATE_TASK
 
 
 def expected_score(conn: psycopg.Connection, property_id: int, as_of: date) -> tuple[int, dict]:
@@ -84,6 +86,14 @@ def assert_invariants(conn: psycopg.Connection, property_ids: list[int] | None =
                 OR (status = 'dead' AND last_error IS NULL)"""
         ).fetchall()
         assert not bad_attempts, f"I5: {bad_attempts}"
+        unaudited_deaths = cur.execute(
+            """SELECT j.id FROM outbox_job j
+                WHERE j.status = 'dead' AND j.task = %s
+                  AND NOT EXISTS (SELECT 1 FROM audit_log a
+                                   WHERE a.action = 'COMPLIANCE_RECALC_FAILED' AND a.job_id = j.id)""",
+            [RECALCULATE_TASK],
+        ).fetchall()
+        assert not unaudited_deaths, f"I5: DEAD recalculations without their audit row: {unaudited_deaths}"
         locks = cur.execute("SELECT count(*) AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
             "WHERE l.locktype = 'advisory' AND d.datname = current_database()").fetchone()
         assert locks["n"] == 0, "I6: advisory locks left behind"

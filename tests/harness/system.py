@@ -13,13 +13,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from tests.harness.services import ROOT
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 #: Knobs that make retries, polls and leases fast enough to test in seconds.
 FAST_SETTINGS = {
@@ -194,3 +199,70 @@ class System:
                     "WHERE status <> 'done' ORDER BY id LIMIT 20"
                 ).fetchall()
                 raise AssertionError(f"{exc}\nunfinished jobs: {rows}\n{self.logs()}") from None
+
+
+# -- fault-test helpers ------------------------------------------------------------------------
+# Appended for tests/faults: the broker-side views and tools those tests share.
+
+def kill_all(system: System) -> None:
+    """SIGKILLs every process of the system: a fault test's teardown, where graceful shutdown is
+    not under test and waiting for it costs seconds per process."""
+    for proc in system.processes:
+        system.kill(proc)
+
+
+def first_broker_url() -> str:
+    """One broker for a test whose behaviour does not depend on the broker (RabbitMQ if this
+    machine has it), so that it costs one run instead of one per broker."""
+    from tests.harness.services import brokers
+
+    return next(iter(brokers().values()))
+
+
+def queue_depth(system: System) -> int:
+    """Messages waiting in the system's queue (not counting ones a worker holds unacked)."""
+    from kombu import Connection
+
+    with Connection(system.broker_url, connect_timeout=5) as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=system.queue, passive=True).message_count
+        except conn.channel_errors:
+            return 0  # never declared, or (Redis) emptied: an empty list does not exist there
+
+
+@contextmanager
+def celery_app(system: System) -> Iterator[Celery]:
+    """The app a recalq process would build for this system, in the test process."""
+    from recalq.bootstrap import Runtime
+    from recalq.settings import Settings
+
+    fast = {key.removeprefix("RECALQ_").lower(): value for key, value in FAST_SETTINGS.items()}
+    settings = Settings(database_url=system.database_url, broker_url=system.broker_url, queue=system.queue, **fast)
+    app = Runtime(settings).celery_app
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def publish_jobs_again(system: System, conn: psycopg.Connection, *job_ids: int) -> None:
+    """Publishes the stored message of each job (same task, payload and fixed task id) with
+    Celery's own send_task, in the order given: a duplicate, late or reordered delivery on
+    demand, without going through the relay under test."""
+    with celery_app(system) as app, app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            row = conn.execute(
+                "SELECT task, payload, celery_task_id::text FROM outbox_job WHERE id = %s", [job_id]
+            ).fetchone()
+            assert row is not None, f"job {job_id} does not exist"
+            task, payload, task_id = row
+            app.send_task(task, kwargs={"job_id": job_id, "payload": payload}, task_id=task_id,
+                          queue=system.queue, producer=producer)
+
+
+def start_together(*starts: Callable[[], Process]) -> list[Process]:
+    """Starts processes side by side when their order does not matter (each takes seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(starts)) as pool:
+        return [future.result() for future in [pool.submit(start) for start in starts]]
