@@ -3,7 +3,8 @@
 
 -- name: enqueue_request
 -- The producer contract; see docs/producer-contract.md. Defined in
--- migrations/functions/outbox_v2.sql (a join locks the waiting job instead of rewriting it).
+-- migrations/functions/outbox_v3.sql (a join locks the waiting job instead of rewriting it; a
+-- new job honours its task's min_interval).
 SELECT job_id, request_id, created_request, created_job
   FROM outbox_enqueue_request(%(task)s, %(coalescing_key)s, %(payload)s, %(correlation_id)s,
                               %(trigger_reason)s, %(actor_type)s, %(actor_id)s, %(max_attempts)s)
@@ -25,6 +26,15 @@ UPDATE outbox_job j
            FOR UPDATE SKIP LOCKED) due
  WHERE j.id = due.id
 RETURNING j.id, j.task, j.payload, j.celery_task_id
+
+-- name: seconds_until_next_due
+-- Seconds until the earliest pending job that is not due yet falls due (NULL: none), so the
+-- relay wakes for it instead of sleeping a whole poll past it: a job held back by its task's
+-- min_interval (outbox_v3.sql) notifies when it is created, before it is due. One entry of
+-- ix_outbox_job_status_next_run_at.
+SELECT extract(epoch FROM min(next_run_at) - now())::float8 AS seconds
+  FROM outbox_job
+ WHERE status = 'pending' AND next_run_at > now()
 
 -- name: mark_published
 -- After the broker confirmed them. A job a worker already started is left alone.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -183,41 +183,54 @@ class Relay:
                             stop.wait(backoff)
                             continue
                         backoff = 0.0
+                        wait = self._seconds_until_next_due(conn)
                         conn.commit()  # end the implicit read transaction before waiting
-                        next(wakeups)
+                        wakeups.wait(wait)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 backoff = self._next_backoff(backoff)
                 log.warning("relay lost the database (%s); retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
 
+    def _seconds_until_next_due(self, conn: psycopg.Connection) -> float:
+        """The poll interval, or less when a pending job falls due sooner.
+
+        A job held back by its task's minimum interval is created, and its NOTIFY sent, before
+        it is due; without this the relay could sleep almost a whole poll past its due time.
+        """
+        with conn.cursor() as cur:
+            cur.execute(QUERIES["seconds_until_next_due"])
+            row = cur.fetchone()
+        due_in = row[0] if row is not None else None
+        if due_in is None:
+            return self._poll_seconds
+        # A few ms past the due time, so the claim's now() has reached it.
+        return min(self._poll_seconds, max(0.0, due_in) + 0.005)
+
     def _next_backoff(self, current: float) -> float:
         return min(self._max_error_backoff, max(0.1, current * 2))
 
-    def _listen(self) -> AbstractContextManager[Iterator[None]]:
-        return _Wakeups(self._connect, self._poll_seconds)
+    def _listen(self) -> AbstractContextManager[_Wakeups]:
+        return _Wakeups(self._connect)
 
 
 class _Wakeups:
-    """Yields once per NOTIFY on the wake channel, or after poll_seconds without one."""
+    """Waits for a NOTIFY on the wake channel, or for a timeout without one."""
 
-    def __init__(self, connect: Callable[[], psycopg.Connection], poll_seconds: float) -> None:
+    def __init__(self, connect: Callable[[], psycopg.Connection]) -> None:
         self._connect = connect
-        self._poll_seconds = poll_seconds
         self._conn: psycopg.Connection | None = None
 
-    def __enter__(self) -> Iterator[None]:
+    def __enter__(self) -> _Wakeups:
         self._conn = self._connect()
         self._conn.autocommit = True
         self._conn.execute(f"LISTEN {WAKE_CHANNEL}")
-        return self._iterate()
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._conn is not None:
             self._conn.close()
 
-    def _iterate(self) -> Iterator[None]:
+    def wait(self, timeout: float) -> None:
         assert self._conn is not None
-        while True:
-            for _ in self._conn.notifies(timeout=self._poll_seconds, stop_after=1):
-                break
-            yield None
+        for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+            break

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     infra_retry_max_seconds: float = Field(default=30.0, gt=0)
     #: How soon a job retries when another job of its key is running.
     busy_retry_seconds: float = Field(default=0.25, gt=0)
+    #: Least time between the starts of two recalculations of one property. A change commits a
+    #: job due at once unless the property's last recalculation started less than this long
+    #: ago; then the job is due this long after that start, and the changes that follow join
+    #: it. 0: every job is due at once (each property is recalculated about once per pipeline
+    #: cycle while a burst lasts). Raise it for bursty imports: a burst of B seconds then costs
+    #: about B / this + 2 recalculations per property, and a second edit waits up to this long.
+    #: Applied to the recalculation task by `recalq migrate`.
+    recalc_min_interval_seconds: float = Field(default=0.0, ge=0, le=3600)
 
     #: A running attempt's lease: after it, the job may be taken over. Above task_time_limit.
     job_lease_seconds: float = Field(default=120.0, gt=0)

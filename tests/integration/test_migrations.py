@@ -3,6 +3,7 @@ rebuilds the same schema, so a rollback of a release leaves no recalq object beh
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ from tests.harness.databases import DatabaseFactory
 
 OUTBOX_ONLY = "0001_outbox"
 COMPLIANCE = "0002_compliance"
+ENQUEUE_V2 = "0007_enqueue_v2"
 
 #: Every object recalq owns in the public schema, with its definition: tables with their
 #: columns, constraints and indexes, types, functions and views. Alembic's own bookkeeping
@@ -176,3 +178,31 @@ def test_a_database_full_of_jobs_and_domain_data_still_downgrades_to_nothing(dat
 
     assert schema(database_url) == {}
     assert alembic_revision(database_url) == []
+
+
+def test_downgrading_the_min_interval_revision_restores_outbox_v2_and_drops_the_column(
+    db_factory: DatabaseFactory,
+) -> None:
+    v2 = db_factory.create_empty()
+    url = db_factory.create_empty()
+    try:
+        migrate.upgrade(Settings(database_url=v2), ENQUEUE_V2)
+        settings = Settings(database_url=url, recalc_min_interval_seconds=3)
+        migrate.upgrade(settings)
+        head = schema(url)
+        assert "column outbox_task.min_interval" in head
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT min_interval FROM outbox_task").fetchone() == (timedelta(seconds=3),)
+
+        migrate.downgrade(settings, ENQUEUE_V2)
+        assert alembic_revision(url) == [ENQUEUE_V2]
+        assert schema(url) == schema(v2), "the downgrade leaves exactly what 0007 built"
+        with psycopg.connect(url) as conn:
+            [property_id] = provision(conn)
+            assert upload(conn, property_id) > 0
+
+        migrate.upgrade(settings)
+        assert schema(url) == head
+    finally:
+        db_factory.drop(v2)
+        db_factory.drop(url)
