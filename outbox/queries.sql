@@ -170,3 +170,7 @@ WITH RECURSIVE target AS (
     DELETE FROM outbox_job j USING doomed WHERE j.id = doomed.id RETURNING j.id
 )
 SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM requests) AS requests
+
+-- name: job_by_celery_task_id
+-- The job a broker message belongs to: every publication of a job carries its fixed task id.
+SELECT id AS job_id FROM outbox_job WHERE celery_task_id = %(celery_task_id)s

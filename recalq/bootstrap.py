@@ -7,6 +7,7 @@ connection pool is made lazily in the process that uses it (after a prefork work
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,16 +16,19 @@ from functools import cache, cached_property
 
 import psycopg
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_unknown, worker_process_init, worker_process_shutdown
 from psycopg_pool import ConnectionPool
 
 from outbox.backoff import RetryPolicy
 from outbox.relay import Relay
+from outbox.unrunnable import record_unrunnable_delivery
 from recalq.celery_config import celery_config
 from recalq.faults import probe_from_spec
 from recalq.publisher import CeleryPublisher
 from recalq.settings import Settings
 from services.recalculation import RecalculationPolicy, Recalculator
+
+log = logging.getLogger(__name__)
 
 
 def utc_today() -> date:
@@ -99,6 +103,7 @@ class Runtime:
         app.recalq = self  # the tasks' way back to this runtime
         worker_process_init.connect(self._on_worker_process_init, weak=False)
         worker_process_shutdown.connect(self._on_worker_process_shutdown, weak=False)
+        task_unknown.connect(self._on_task_unknown, weak=False)
         return app
 
     def relay(self) -> Relay:
@@ -127,6 +132,25 @@ class Runtime:
 
     def _on_worker_process_shutdown(self, **_: object) -> None:
         self.close()
+
+    def _on_task_unknown(self, name: str | None = None, id: str | None = None, **_: object) -> None:
+        """Celery discarded a message for a task this worker does not run: count its attempt, or
+        the rescue would re-send it for ever. Runs in the consumer; a rare event, so it uses a
+        short-lived connection, and a database error only costs the count (the rescue re-sends)."""
+        s = self.settings
+        try:
+            with self.connect() as conn:
+                conn.autocommit = True
+                outcome = record_unrunnable_delivery(
+                    conn, str(id), reason=f"no worker that received it runs task {name!r}",
+                    lease_seconds=s.job_lease_seconds,
+                    retry=RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter),
+                )
+        except psycopg.Error as exc:
+            log.warning("could not record the undeliverable task %s (%s): %s", id, name, exc)
+            return
+        if outcome is not None:
+            log.warning("task %s (%s) is not run by this worker; its job is now %s", id, name, outcome)
 
 
 @cache

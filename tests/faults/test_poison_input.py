@@ -151,7 +151,9 @@ def test_a_registered_task_no_worker_runs_ends_dead_with_its_reason_instead_of_c
 ) -> None:
     """The task registry (outbox_task) accepts any name an operator registers; a worker that
     does not know the task discards its message. The job must not then sit published forever,
-    re-sent by every rescue pass: it ends DEAD (requeueable once a worker runs the task)."""
+    re-sent by every rescue pass: each such delivery counts an attempt with its reason (a later
+    one may reach a worker that runs the task), so it ends DEAD after its last attempt
+    (requeueable once a worker runs the task)."""
     system = system_on_one_broker
     rescue_fast = {"RECALQ_RESCUE_AFTER_SECONDS": "1", "RECALQ_RESCUE_INTERVAL_SECONDS": "0.5"}
     with psycopg.connect(database_url, autocommit=True) as db:
@@ -165,7 +167,8 @@ def test_a_registered_task_no_worker_runs_ends_dead_with_its_reason_instead_of_c
                                for line in list(worker.lines)),
                    timeout=30, what=f"the worker to receive the orphan task:\n{system.logs()}")
         try:
-            wait_until(lambda: job(db, orphan)["status"] == "dead", timeout=15,
+            # Five deliveries, each one rescue grace after the last failure's retry time.
+            wait_until(lambda: job(db, orphan)["status"] == "dead", timeout=60,
                        what="the orphan job to end DEAD")
         except AssertionError:
             row = job(db, orphan)
@@ -174,6 +177,7 @@ def test_a_registered_task_no_worker_runs_ends_dead_with_its_reason_instead_of_c
                 f"rescued {row['rescue_count']} times, last_error {row['last_error']!r}"
             ) from None
         assert "reports.retired_export" in job(db, orphan)["last_error"]
+        assert job(db, orphan)["attempts"] == 5
         system.wait_idle(timeout=30)
         assert_fresh_score(db, good)
         assert worker.popen.poll() is None
