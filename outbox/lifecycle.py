@@ -3,6 +3,10 @@
 Each call is one SQL function (migrations/functions/outbox_v1.sql) run on the caller's
 connection, so the transition is atomic and fenced by the attempt number: an attempt that
 lost its lease can neither complete nor fail the job.
+
+Every call also works on a psycopg connection in pipeline mode (a worker sends a transaction's
+statements in a few round trips): rows are read with fetchone/fetchall, which wait for their
+results, never by looking at `cursor.description` first, which is empty until they arrive.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from outbox.connection import fetch_all, fetch_one
 from outbox.queries import QUERIES
@@ -59,7 +64,7 @@ def start(
     lease_seconds: float,
     resume_attempt: int | None = None,
 ) -> Start:
-    row = fetch_one(
+    row = _one(
         conn,
         QUERIES["start_job"],
         {
@@ -80,7 +85,7 @@ def start(
 
 
 def complete(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
-    row = fetch_one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
+    row = _one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
     return bool(row and row["completed"])
 
 
@@ -93,7 +98,7 @@ def fail(
     retryable: bool,
     retry_in_seconds: float,
 ) -> FailOutcome:
-    row = fetch_one(
+    row = _one(
         conn,
         QUERIES["fail_job"],
         {
@@ -110,9 +115,29 @@ def fail(
 
 def requeue(conn: psycopg.Connection, job_id: int) -> int | None:
     """Gives a DEAD job fresh attempts; returns the job that will run, or None if not DEAD."""
-    row = fetch_one(conn, QUERIES["requeue_job"], {"job_id": job_id})
+    row = _one(conn, QUERIES["requeue_job"], {"job_id": job_id})
     return row["job_id"] if row else None
 
 
 def requests_of_job(conn: psycopg.Connection, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    if isinstance(conn, psycopg.Connection):
+        return send_requests_of_job(conn, job_id, limit).fetchall()
     return fetch_all(conn, QUERIES["requests_of_job"], {"job_id": job_id, "limit": limit})
+
+
+def send_requests_of_job(
+    conn: psycopg.Connection, job_id: int, limit: int = 50
+) -> psycopg.Cursor[dict[str, Any]]:
+    """Sends `requests_of_job` and returns its cursor unread: in pipeline mode its rows come
+    back in the same round trip as the statements sent around it (read them with fetchall)."""
+    cur = conn.cursor(row_factory=dict_row)
+    cur.execute(QUERIES["requests_of_job"], {"job_id": job_id, "limit": limit})
+    return cur
+
+
+def _one(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The first row of a statement that always returns rows (the lifecycle functions)."""
+    if isinstance(conn, psycopg.Connection):
+        with conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(sql, params).fetchone()
+    return fetch_one(conn, sql, params)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -42,6 +43,8 @@ from services.scoring import VERSION, Document, DocumentStatus, ScoringInputs, s
 from services.vocabulary import Actor, AuditAction
 
 log = logging.getLogger(__name__)
+
+MAX_BIGINT = 2**63 - 1
 
 WORKER_ACTOR = Actor.system("recalq-worker")
 
@@ -158,7 +161,7 @@ class Recalculator:
             return self._fail(job_id, attempt, property_id, error, infra_failures)
 
     def _start(self, job_id: int, redelivered: bool, resume_attempt: int | None) -> lifecycle.Start:
-        with translated_db_errors(), self._connection() as conn, conn.transaction():
+        with translated_db_errors(), self._connection() as conn, _pipelined_transaction(conn):
             start = lifecycle.start(
                 conn,
                 job_id,
@@ -192,21 +195,30 @@ class Recalculator:
                 return Dropped(job_id, "the job already finished")
 
     def _apply(self, job_id: int, attempt: int, property_id: int) -> Applied:
-        with translated_db_errors(), self._connection() as conn, conn.transaction():
+        """Three round trips: the reads, the writes with the completion, the commit.
+
+        The reads are separate statements sent together, not one query: in READ COMMITTED
+        each statement takes a fresh snapshot, so the documents are read after the property
+        lock is granted and see every mutation that held it before.
+        """
+        with translated_db_errors(), self._connection() as conn, _pipelined_transaction(conn):
             if self._policy.lock_timeout_ms:
                 conn.execute("SELECT set_config('lock_timeout', %s, true)",
                              [f"{self._policy.lock_timeout_ms}ms"])
-            with conn.cursor(row_factory=dict_row) as cur:
-                prop = cur.execute(QUERIES["lock_property_for_scoring"],
-                                   {"property_id": property_id}).fetchone()
-                if prop is None:
-                    raise PermanentRecalculationError(f"property {property_id} does not exist")
-                fence = cur.execute(QUERIES["fence_running_attempt"],
-                                    {"job_id": job_id, "attempt": attempt}).fetchone()
-                if fence is None:
-                    raise _FencedOut()
-                documents = cur.execute(QUERIES["live_documents_of_property"],
-                                        {"property_id": property_id}).fetchall()
+            prop_cur = conn.cursor(row_factory=dict_row).execute(
+                QUERIES["lock_property_for_scoring"], {"property_id": property_id})
+            fence_cur = conn.cursor().execute(
+                QUERIES["fence_running_attempt"], {"job_id": job_id, "attempt": attempt})
+            documents_cur = conn.cursor(row_factory=dict_row).execute(
+                QUERIES["live_documents_of_property"], {"property_id": property_id})
+            requests_cur = lifecycle.send_requests_of_job(conn, job_id, limit=20)
+            prop = prop_cur.fetchone()
+            if prop is None:
+                raise PermanentRecalculationError(f"property {property_id} does not exist")
+            if fence_cur.fetchone() is None:
+                raise _FencedOut()
+            documents = documents_cur.fetchall()
+            requests = requests_cur.fetchall()
             self._probe("recalculation.after_read_state")
 
             inputs = ScoringInputs.of(
@@ -227,10 +239,8 @@ class Recalculator:
                 "fingerprint": fingerprint,
                 "generation": prop["generation"],
             }
-            conn.execute(QUERIES["store_score"], values)
-            conn.execute(QUERIES["insert_score_history"], values)
+            conn.execute(QUERIES["store_score_with_history"], values)
 
-            requests = lifecycle.requests_of_job(conn, job_id, limit=20)
             correlation_id = requests[0]["correlation_id"] if requests else None
             common = {
                 "property_id": property_id,
@@ -288,6 +298,9 @@ class Recalculator:
             case FailOutcome.DEAD:
                 log.warning("job %s is DEAD after attempt %s: %s", job_id, attempt, message)
                 return Dead(job_id, message)
+            case FailOutcome.SUPERSEDED:
+                log.info("job %s attempt %s failed (%s); the key's waiting job covers it", job_id, attempt, message)
+                return Dropped(job_id, f"attempt {attempt} failed and the key's waiting job covers its requests")
             case _:
                 return Dropped(job_id, f"attempt {attempt} was fenced out before its failure was recorded")
 
@@ -318,9 +331,34 @@ class Recalculator:
                           infrastructure=True)
 
 
+@contextmanager
+def _pipelined_transaction(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction in pipeline mode: BEGIN travels with the first statements, each fetch
+    is one round trip for everything sent before it, and COMMIT is the last one.
+
+    Any error, in Postgres or in between, rolls the transaction back before the connection
+    goes back to its pool. A statement whose result is never read still reports its error,
+    at the next fetch or at the COMMIT, so nothing fails silently.
+    """
+    try:
+        with conn.pipeline():
+            if conn.autocommit:  # otherwise psycopg opens the transaction itself
+                conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status in (TransactionStatus.INTRANS,
+                                                                TransactionStatus.INERROR):
+            with suppress(psycopg.Error):
+                conn.rollback()
+        raise
+
+
 def _property_id(payload: dict[str, Any] | None) -> int | None:
     value = (payload or {}).get("property_id")
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    # properties.id is a bigint: a larger id cannot exist, and would not fit the audit row
+    # that records why the job is DEAD, so it is malformed rather than "not found".
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_BIGINT:
         return None
     return value
 

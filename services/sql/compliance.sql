@@ -104,22 +104,25 @@ SELECT id, requirement_code, status, expires_at
   FROM documents
  WHERE property_id = %(property_id)s AND deleted_at IS NULL
 
--- name: store_score
-UPDATE properties
-   SET compliance_score = %(score)s,
-       compliance_breakdown = %(breakdown)s,
-       compliance_version = %(version)s,
-       compliance_as_of = %(as_of)s,
-       compliance_inputs_fingerprint = %(fingerprint)s,
-       compliance_last_calculated_at = now(),
-       scored_generation = %(generation)s
- WHERE id = %(property_id)s
-
--- name: insert_score_history
+-- name: store_score_with_history
+-- The new score and its history snapshot in one statement: one round trip, the breakdown sent
+-- once. The property row is locked and known to exist, so exactly one snapshot is inserted.
+WITH stored AS (
+    UPDATE properties
+       SET compliance_score = %(score)s,
+           compliance_breakdown = %(breakdown)s,
+           compliance_version = %(version)s,
+           compliance_as_of = %(as_of)s,
+           compliance_inputs_fingerprint = %(fingerprint)s,
+           compliance_last_calculated_at = now(),
+           scored_generation = %(generation)s
+     WHERE id = %(property_id)s
+    RETURNING id
+)
 INSERT INTO property_compliance_score_history
        (property_id, job_id, score, breakdown, version, as_of, inputs_fingerprint, generation)
-VALUES (%(property_id)s, %(job_id)s, %(score)s, %(breakdown)s, %(version)s, %(as_of)s,
-        %(fingerprint)s, %(generation)s)
+SELECT id, %(job_id)s, %(score)s, %(breakdown)s, %(version)s, %(as_of)s, %(fingerprint)s, %(generation)s
+  FROM stored
 
 -- name: property_client
 SELECT client_id FROM properties WHERE id = %(property_id)s
