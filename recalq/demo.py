@@ -26,6 +26,8 @@ CLIENT = Actor(ActorType.CLIENT, "demo-client")
 ADMIN = Actor(ActorType.ADMIN, "demo-admin")
 #: How long one change may take to land before the demo calls it stuck.
 SETTLE_TIMEOUT_SECONDS = 60.0
+#: The latest requests, newest job first: job_id is the order the queue view reads from an index.
+LATEST_REQUESTS = "SELECT * FROM compliance_recalc_queue ORDER BY job_id DESC LIMIT 50"
 
 _WATCH = """
 SELECT p.id, p.name, p.compliance_score, p.compliance_score_pending, h.job_id,
@@ -36,7 +38,7 @@ SELECT p.id, p.name, p.compliance_score, p.compliance_score_pending, h.job_id,
                       WHERE property_id = p.id ORDER BY id DESC LIMIT 1) h ON true
   LEFT JOIN LATERAL (SELECT trigger_reason, status FROM compliance_recalc_queue
                       WHERE property_id = p.id AND status IN ('pending', 'published', 'running', 'retrying')
-                      ORDER BY created_at DESC LIMIT 1) q ON true
+                      ORDER BY job_id DESC, created_at DESC LIMIT 1) q ON true
  WHERE p.id = ANY(%(ids)s)
  ORDER BY p.id
 """
@@ -88,7 +90,7 @@ class ScoreWatcher:
                 return False
             waited += 0.1
             if waited >= timeout:
-                self._say(f"a score did not land within {timeout:.0f} s; see the queue: TABLE compliance_recalc_queue")
+                self._say(f"a score did not land within {timeout:.0f} s; see the queue: {LATEST_REQUESTS}")
                 return False
         return True
 
@@ -163,7 +165,8 @@ def run(database_url: str, *, say: Callable[[str], None], stop: threading.Event,
     say(f"done: every score landed. Client {client.client_id}'s properties, their scores and the queue:")
     # Printed for the user to paste into psql, never executed here.
     say(f"  SELECT id, name, compliance_score FROM properties WHERE client_id = {client.client_id};")  # noqa: S608
-    say(f"  SELECT * FROM compliance_recalc_queue WHERE client_id = {client.client_id};")  # noqa: S608
+    say(f"  SELECT * FROM compliance_recalc_queue WHERE client_id = {client.client_id}"  # noqa: S608
+        " ORDER BY job_id DESC LIMIT 50;")
     return True
 
 

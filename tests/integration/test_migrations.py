@@ -19,6 +19,8 @@ from tests.harness.databases import DatabaseFactory
 OUTBOX_ONLY = "0001_outbox"
 COMPLIANCE = "0002_compliance"
 ENQUEUE_V2 = "0007_enqueue_v2"
+MIN_INTERVAL = "0008_min_interval"
+NEWEST_FIRST_INDEX = "ix_outbox_job_compliance_property_id"
 
 #: Every object recalq owns in the public schema, with its definition: tables with their
 #: columns, constraints and indexes, types, functions and views. Alembic's own bookkeeping
@@ -205,4 +207,69 @@ def test_downgrading_the_min_interval_revision_restores_outbox_v2_and_drops_the_
         assert schema(url) == head
     finally:
         db_factory.drop(v2)
+        db_factory.drop(url)
+
+
+def test_downgrading_the_queue_view_v2_revision_restores_view_v1_and_drops_its_index(
+    db_factory: DatabaseFactory,
+) -> None:
+    v1 = db_factory.create_empty()
+    url = db_factory.create_empty()
+    try:
+        migrate.upgrade(Settings(database_url=v1), MIN_INTERVAL)
+        settings = Settings(database_url=url)
+        migrate.upgrade(settings)
+        head = schema(url)
+        assert f"index {NEWEST_FIRST_INDEX}" in head
+        assert "column compliance_recalc_queue.job_id" in head
+        with psycopg.connect(url) as conn:
+            [property_id] = provision(conn)
+            upload(conn, property_id)
+
+        migrate.downgrade(settings, MIN_INTERVAL)
+        assert alembic_revision(url) == [MIN_INTERVAL]
+        assert schema(url) == schema(v1), "the downgrade leaves exactly what 0008 built"
+        with psycopg.connect(url) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM compliance_recalc_queue WHERE property_id = %s", [property_id]
+            ).fetchone()[0] >= 2
+
+        migrate.upgrade(settings)
+        assert schema(url) == head
+    finally:
+        db_factory.drop(v1)
+        db_factory.drop(url)
+
+
+def test_the_queue_view_v2_revision_keeps_an_index_built_concurrently_beforehand_and_rebuilds_an_invalid_one(
+    db_factory: DatabaseFactory,
+) -> None:
+    url = db_factory.create_empty()
+    settings = Settings(database_url=url)
+    definition = (
+        "ON outbox_job (compliance_property_id(payload), id DESC) WHERE task = 'compliance.recalculate_property'"
+    )
+    index_oid = "SELECT indexrelid::oid, indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
+    try:
+        migrate.upgrade(settings, MIN_INTERVAL)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"CREATE INDEX CONCURRENTLY {NEWEST_FIRST_INDEX} {definition}")
+            [(prebuilt, _)] = conn.execute(index_oid, [NEWEST_FIRST_INDEX]).fetchall()
+        migrate.upgrade(settings)
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute(index_oid, [NEWEST_FIRST_INDEX]).fetchall() == [(prebuilt, True)], "kept, not rebuilt"
+
+        migrate.downgrade(settings, MIN_INTERVAL)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"CREATE INDEX CONCURRENTLY {NEWEST_FIRST_INDEX} {definition}")
+            # What a concurrent build that failed (cancelled, deadlocked) leaves behind.
+            conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)",
+                         [NEWEST_FIRST_INDEX])
+            [(invalid, valid)] = conn.execute(index_oid, [NEWEST_FIRST_INDEX]).fetchall()
+            assert not valid
+        migrate.upgrade(settings)
+        with psycopg.connect(url, autocommit=True) as conn:
+            [(rebuilt, valid)] = conn.execute(index_oid, [NEWEST_FIRST_INDEX]).fetchall()
+            assert valid and rebuilt != invalid
+    finally:
         db_factory.drop(url)
