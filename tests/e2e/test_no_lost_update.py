@@ -8,35 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
-import psycopg
 from kombu import Connection
 
 from services.scoring import DocumentStatus
 from tests.harness.data import new_document, provision, upload
 from tests.harness.invariants import assert_invariants
-from tests.harness.observe import assert_fresh_score, connect, history_count, job, job_status
+from tests.harness.observe import (
+    assert_fresh_score,
+    connect,
+    history_count,
+    job,
+    job_status,
+    property_locked_elsewhere,
+    waits_on_a_lock,
+)
 from tests.harness.system import System, wait_until
 
 FAR = date(2031, 6, 30)
-
-
-def paused_after_reading(database_url: str, property_id: int) -> bool:
-    """A worker transaction read the documents and now sits at the fault point, holding the
-    property's row lock (nothing else locks it here). Asked of the lock itself: the text of the
-    worker's last statement depends on how it batches its statements."""
-    with psycopg.connect(database_url) as probe:
-        try:
-            probe.execute("SELECT 1 FROM properties WHERE id = %s FOR SHARE NOWAIT", [property_id])
-        except psycopg.errors.LockNotAvailable:
-            return True
-        finally:
-            probe.rollback()
-    return False
-
-
-def waits_on_a_lock(conn: psycopg.Connection, backend_pid: int) -> bool:
-    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [backend_pid]).fetchone()
-    return row is not None and row[0] == "Lock"
 
 
 def messages_in_queue(broker_url: str, queue: str) -> int:
@@ -56,7 +44,7 @@ def test_a_mutation_committed_while_the_recalculation_computes_is_reflected_once
         [first_job] = conn.execute("SELECT id FROM outbox_job").fetchone()
         system.start_worker(env={"RECALQ_FAULT": f"recalculation.after_read_state=wait:{gate}"})
         system.start_relay()
-        wait_until(lambda: paused_after_reading(database_url, property_id), 60,
+        wait_until(lambda: property_locked_elsewhere(database_url, property_id), 60,
                    "the worker to pause after reading the state")
 
         with connect(database_url) as mutator, ThreadPoolExecutor(1) as pool:

@@ -16,39 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from services.scoring import DocumentStatus
 from tests.harness.data import new_document, provision, upload
 from tests.harness.invariants import assert_invariants
 from tests.harness.jobs import effects_of, job_row
-from tests.harness.observe import assert_fresh_score, connect, history_count, property_row
+from tests.harness.observe import (
+    assert_fresh_score,
+    connect,
+    history_count,
+    property_locked_elsewhere,
+    property_row,
+    waits_on_a_lock,
+)
 from tests.harness.system import System, queue_depth, start_together, wait_until
 
 pytestmark = pytest.mark.broker
 
 FAR = date(2031, 6, 30)
-
-
-def property_locked_elsewhere(database_url: str, property_id: int) -> bool:
-    """Someone holds the property's row lock: with no mutation under way, the worker that is
-    paused after reading the state (it reads under that lock and keeps it until it commits).
-    Asked of the lock itself rather than of pg_stat_activity's last statement, which depends on
-    how the worker batches its statements."""
-    with psycopg.connect(database_url) as probe:
-        try:
-            probe.execute("SELECT 1 FROM properties WHERE id = %s FOR SHARE NOWAIT", [property_id])
-        except psycopg.errors.LockNotAvailable:
-            return True
-        finally:
-            probe.rollback()
-    return False
-
-
-def waits_on_a_lock(conn: psycopg.Connection, backend_pid: int) -> bool:
-    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [backend_pid]).fetchone()
-    return row is not None and row[0] == "Lock"
 
 
 def test_a_mutation_committed_while_the_relay_holds_the_claimed_job_unpublished_is_reflected_once(

@@ -75,3 +75,23 @@ def history_count(conn: psycopg.Connection, property_id: int) -> int:
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def property_locked_elsewhere(database_url: str, property_id: int) -> bool:
+    """Someone holds the property's row lock: with no mutation under way, the worker paused
+    after reading the state (it reads under that lock and keeps it until it commits). Asked of
+    the lock itself rather than of pg_stat_activity's last statement, whose text depends on how
+    the worker batches its statements."""
+    with psycopg.connect(database_url) as probe:
+        try:
+            probe.execute("SELECT 1 FROM properties WHERE id = %s FOR SHARE NOWAIT", [property_id])
+        except psycopg.errors.LockNotAvailable:
+            return True
+        finally:
+            probe.rollback()
+    return False
+
+
+def waits_on_a_lock(conn: psycopg.Connection, backend_pid: int) -> bool:
+    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [backend_pid]).fetchone()
+    return row is not None and row[0] == "Lock"
