@@ -83,6 +83,7 @@ UPDATE outbox_job
    SET status = 'done', attempts = 1, started_at = now(), finished_at = now(), claimed_until = NULL
  WHERE status IN ('pending', 'published', 'retrying')
 """
+PROVISION_CHUNK = 1000
 VACUUMED = ("outbox_job", "outbox_request", "properties", "documents", "audit_log")
 
 Mutation = Callable[[psycopg.Connection, int], None]
@@ -150,11 +151,16 @@ def fresh_database(properties: int, revision: str) -> tuple[str, list[int]]:
         conn.execute(f"CREATE DATABASE {DB}")
     url = ADMIN.rsplit("/", 1)[0] + "/" + DB
     migrate.upgrade(Settings(database_url=url), revision)
+    property_ids: list[int] = []
     with psycopg.connect(url, autocommit=True) as conn:
-        made = provision_client(conn, name="Bench", properties=[NewProperty(f"P{i}") for i in range(properties)],
-                                actor=Actor(ActorType.ADMIN, "bench"), correlation_id="bench-provision")
+        # A client is provisioned with at most PROVISION_CHUNK properties at once.
+        for first in range(0, properties, PROVISION_CHUNK):
+            names = [NewProperty(f"P{i}") for i in range(first, min(first + PROVISION_CHUNK, properties))]
+            made = provision_client(conn, name=f"Bench {first}", properties=names,
+                                    actor=Actor(ActorType.ADMIN, "bench"), correlation_id=f"bench-provision-{first}")
+            property_ids += [p.property_id for p in made.properties]
         conn.execute(FINISH_WAITING_JOBS)
-    return url, [p.property_id for p in made.properties]
+    return url, property_ids
 
 
 def prepare_run(url: str, scenario: str) -> None:
