@@ -178,7 +178,27 @@ def _adapt_worker_throughput(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _adapt_e2e_latency(data: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = data.get("target_ms", {"p50": 10.0, "p99": 30.0})
+    entries = data["results"]
+    rows = []
+    for e in entries:
+        if not e["variant"].startswith("recalq"):
+            continue
+        base = next((b for b in entries if b["broker"] == e["broker"] and b is not e), None)
+        for key in ("p50", "p95", "p99"):
+            limit = targets.get(key)
+            value = e[key]["median"]
+            rows.append(row(f"commit -> task start {key} [{e['broker']}]", value, "ms",
+                            baseline=base[key]["median"] if base else None,
+                            baseline_name=base["variant"] if base else None,
+                            target=f"<= {limit:g} ms" if limit else None,
+                            met=value <= limit if limit else None))
+    return rows
+
+
 ADAPTERS = {
+    "e2e_latency": _adapt_e2e_latency,
     "enqueue_overhead": _adapt_enqueue_overhead,
     "relay_throughput": _adapt_relay_throughput,
     "worker_throughput": _adapt_worker_throughput,
