@@ -73,7 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 0.5,
         },
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.task_sent_events,
         "worker_concurrency": settings.worker_concurrency,
         "timezone": "UTC",
         "enable_utc": True,

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     flower_host: str = "127.0.0.1"
     flower_port: int = Field(default=5555, ge=0, le=65535)
     flower_basic_auth: SecretStr | None = None
+    #: Celery's task-sent event: one more message per published job, so Flower lists a job as
+    #: SENT while it waits in the queue. It costs the relay about a fifth of its publish rate
+    #: (bench/relay_throughput.py); turn it off where nobody watches the queue in Flower.
+    task_sent_events: bool = True
     #: Uploaded documents, content-addressed by SHA-256. Default: DATA_DIR/documents.
     storage_dir: Path | None = None
     #: Upload limits: one file, one whole request (multipart or ZIP), and a ZIP's contents.

@@ -144,3 +144,10 @@ def test_the_broker_queue_and_concurrency_come_from_settings(broker):
 @BROKERS
 def test_task_results_are_not_stored_since_postgres_holds_each_jobs_outcome(broker):
     assert config_for(broker)["task_ignore_result"] is True
+
+
+@BROKERS
+def test_workers_send_task_events_and_the_relay_a_task_sent_event_unless_turned_off(broker):
+    assert config_for(broker)["worker_send_task_events"] is True
+    assert config_for(broker)["task_send_sent_event"] is True
+    assert config_for(broker, task_sent_events=False)["task_send_sent_event"] is False
