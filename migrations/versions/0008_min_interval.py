@@ -4,7 +4,7 @@ still runs at once.
 
 Revision ID: 0008_min_interval
 Revises: 0007_enqueue_v2
-Create Date: 2026-11-24
+Create Date: 2026-11-23
 """
 
 from alembic import op

@@ -28,7 +28,7 @@ that property's jobs are recent (seconds for a property that was hot last month)
 
 Revision ID: 0009_recalc_queue_v2
 Revises: 0008_min_interval
-Create Date: 2026-11-25
+Create Date: 2026-11-23
 """
 
 from alembic import op

@@ -472,6 +472,36 @@ def test_requeueing_a_dead_job_while_its_key_has_a_waiting_job_supersedes_it(
     ).fetchone() == (1,)
 
 
+def test_requeueing_a_dead_job_racing_a_producer_that_creates_the_waiting_job_supersedes_it(
+    conn: psycopg.Connection, module_database_url: str, key: str
+) -> None:
+    dead = dead_job(conn, key, correlation_id="corr-1")
+    with psycopg.connect(module_database_url) as producer, ThreadPoolExecutor(1) as pool:
+        waiting = outbox.enqueue(
+            producer, task=TASK, coalescing_key=key, payload={"property_id": 1},
+            correlation_id="corr-2", trigger_reason="client_upload", actor_type="client",
+        ).job_id  # not committed yet: the requeue's update must wait on its index entry
+
+        def requeue() -> int | None:
+            result = lifecycle.requeue(conn, dead)
+            conn.commit()
+            return result
+
+        requeueing = pool.submit(requeue)
+        with psycopg.connect(module_database_url, autocommit=True) as probe:
+            wait_until(
+                lambda: probe.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+                ).fetchone() == ("Lock",),
+                10, "the requeue to wait on the producer's new job",
+            )
+        producer.commit()
+        assert requeueing.result(timeout=10) == waiting
+
+    assert (job(conn, dead)["status"], job(conn, dead)["superseded_by"]) == ("superseded", waiting)
+    assert job(conn, waiting)["status"] == "pending"
+
+
 # --- CHECK constraints -----------------------------------------------------------------------
 
 IMPOSSIBLE_ROWS = [
