@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -37,12 +36,6 @@ from bench.report import RESULTS_DIR, error_result, format_table, result, row, w
 MODULES = ("enqueue_overhead", "relay_throughput", "e2e_latency", "worker_throughput", "burst_coalescing", "scale")
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-#: Size flags for a module whose CLI has no --quick yet.
-QUICK_FALLBACK = {
-    "enqueue_overhead": ["--transactions", "400", "--reps", "1"],
-    "relay_throughput": ["--rows", "1000", "--reps", "1"],
-}
 
 PEERS = {
     "celery_latency": None,
@@ -70,17 +63,9 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
     main = getattr(module, "main", None)
     if main is None:
         return error_result(name, "has no main()")
-    argv = _quick_argv(module, name) if quick else []
+    argv = ["--quick"] if quick else []  # every module takes --quick
     try:
-        if inspect.signature(main).parameters:
-            returned = main(argv)
-        else:  # an older main() that reads sys.argv
-            saved = sys.argv
-            sys.argv = [str(module.__file__), *argv]
-            try:
-                returned = main()
-            finally:
-                sys.argv = saved
+        returned = main(argv)
     except SystemExit as exc:
         if exc.code not in (0, None):
             return error_result(name, f"exited with status {exc.code}")
@@ -93,14 +78,6 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
         return normalise(name, returned, started)
     except Exception:
         return error_result(name, "its result could not be read:\n" + traceback.format_exc(limit=4))
-
-
-def _quick_argv(module: Any, name: str) -> list[str]:
-    try:
-        source = inspect.getsource(module)
-    except OSError:
-        source = ""
-    return ["--quick"] if "--quick" in source else QUICK_FALLBACK.get(name, ["--quick"])
 
 
 def normalise(name: str, returned: Any, started: float) -> dict[str, Any]:
@@ -122,46 +99,6 @@ def _written_json(name: str, started: float) -> Any:
     if not path.exists() or path.stat().st_mtime < started:
         return None
     return json.loads(path.read_text())
-
-
-def _adapt_enqueue_overhead(data: dict[str, Any]) -> list[dict[str, Any]]:
-    medians = data["medians"]
-    base = medians["baseline"]
-    rows = []
-    for variant, m in medians.items():
-        if variant == "baseline":
-            continue
-        slowdown = base["commits_per_s"] / m["commits_per_s"]
-        rows.append(row(f"{variant}: commits/s", m["commits_per_s"], "commits/s", baseline=base["commits_per_s"],
-                        baseline_name="bare mutation tx", ratio=slowdown, target="<= 1.3x time",
-                        met=slowdown <= 1.3, note="ratio = baseline rate / recalq rate (time per commit)"))
-        for p in ("p50_ms", "p99_ms"):
-            ratio = m[p] / base[p]
-            rows.append(row(f"{variant}: commit latency {p[:3]}", m[p], "ms", baseline=base[p],
-                            baseline_name="bare mutation tx", ratio=ratio, target="<= 1.3x", met=ratio <= 1.3))
-    return rows
-
-
-def _adapt_relay_throughput(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    by_broker: dict[str, list[dict[str, Any]]] = {}
-    for r in data:
-        by_broker.setdefault(r["broker"], []).append(r)
-    for broker, entries in by_broker.items():
-        relay = next((e for e in entries if e["variant"].startswith("recalq")), None)
-        others = [e for e in entries if e is not relay]
-        if relay is None:
-            continue
-        base = next((e for e in others if "confirm_publish" in e["variant"]), others[0] if others else None)
-        rows.append(row(f"{relay['variant']}", relay["median"], "rows/s",
-                        baseline=base["median"] if base else None, baseline_name=base["variant"] if base else None,
-                        target=">= 3,000 rows/s" if broker == "rabbitmq" else None,
-                        met=relay["median"] >= 3000 if broker == "rabbitmq" else None))
-        for other in others:
-            if other is not base:
-                rows.append(row(f"({broker}) {other['variant']}", None, "rows/s", baseline=other["median"],
-                                baseline_name=other["variant"]))
-    return rows
 
 
 def _adapt_worker_throughput(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,8 +136,6 @@ def _adapt_e2e_latency(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 ADAPTERS = {
     "e2e_latency": _adapt_e2e_latency,
-    "enqueue_overhead": _adapt_enqueue_overhead,
-    "relay_throughput": _adapt_relay_throughput,
     "worker_throughput": _adapt_worker_throughput,
 }
 
