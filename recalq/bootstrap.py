@@ -78,13 +78,19 @@ class Runtime:
 
     # -- services -------------------------------------------------------------------------
     @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        """The backoff after a counted failed attempt, whoever records the failure."""
+        s = self.settings
+        return RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter)
+
+    @cached_property
     def recalculator(self) -> Recalculator:
         s = self.settings
         return Recalculator(
             connection=self.connection,
             policy=RecalculationPolicy(
                 lease_seconds=s.job_lease_seconds,
-                retry=RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter),
+                retry=self.retry_policy,
                 infra_retry=RetryPolicy(
                     min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter
                 ),
@@ -144,7 +150,7 @@ class Runtime:
                 outcome = record_unrunnable_delivery(
                     conn, str(id), reason=f"no worker that received it runs task {name!r}",
                     lease_seconds=s.job_lease_seconds,
-                    retry=RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter),
+                    retry=self.retry_policy,
                 )
         except psycopg.Error as exc:
             log.warning("could not record the undeliverable task %s (%s): %s", id, name, exc)
