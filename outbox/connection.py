@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import dict_row
 
 from outbox.errors import InvalidEnqueue
@@ -28,7 +29,15 @@ def fetch_all(conn: Connectionish, sql: str, params: dict[str, Any]) -> list[dic
     if isinstance(conn, psycopg.Connection):
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
+            # Asked of the result, not of cur.description: in pipeline mode (a worker sends a
+            # transaction's statements together) the description is empty until fetchall
+            # waits for the result.
+            try:
+                return cur.fetchall()
+            except psycopg.ProgrammingError:
+                if cur.pgresult is not None and cur.pgresult.status == pq.ExecStatus.COMMAND_OK:
+                    return []  # a statement that returns no rows
+                raise
     if SASession is not None and isinstance(conn, SASession):
         conn = conn.connection()
     if SAConnection is not None and isinstance(conn, SAConnection):

@@ -5,8 +5,7 @@ connection, so the transition is atomic and fenced by the attempt number: an att
 lost its lease can neither complete nor fail the job.
 
 Every call also works on a psycopg connection in pipeline mode (a worker sends a transaction's
-statements in a few round trips): rows are read with fetchone/fetchall, which wait for their
-results, never by looking at `cursor.description` first, which is empty until they arrive.
+statements in a few round trips): `outbox.connection.fetch_all` waits for each result.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def start(
     lease_seconds: float,
     resume_attempt: int | None = None,
 ) -> Start:
-    row = _one(
+    row = fetch_one(
         conn,
         QUERIES["start_job"],
         {
@@ -85,7 +84,7 @@ def start(
 
 
 def complete(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
-    row = _one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
+    row = fetch_one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
     return bool(row and row["completed"])
 
 
@@ -98,7 +97,7 @@ def fail(
     retryable: bool,
     retry_in_seconds: float,
 ) -> FailOutcome:
-    row = _one(
+    row = fetch_one(
         conn,
         QUERIES["fail_job"],
         {
@@ -115,7 +114,7 @@ def fail(
 
 def requeue(conn: psycopg.Connection, job_id: int) -> int | None:
     """Gives a DEAD job fresh attempts; returns the job that will run, or None if not DEAD."""
-    row = _one(conn, QUERIES["requeue_job"], {"job_id": job_id})
+    row = fetch_one(conn, QUERIES["requeue_job"], {"job_id": job_id})
     return row["job_id"] if row else None
 
 
@@ -133,11 +132,3 @@ def send_requests_of_job(
     cur = conn.cursor(row_factory=dict_row)
     cur.execute(QUERIES["requests_of_job"], {"job_id": job_id, "limit": limit})
     return cur
-
-
-def _one(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The first row of a statement that always returns rows (the lifecycle functions)."""
-    if isinstance(conn, psycopg.Connection):
-        with conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(sql, params).fetchone()
-    return fetch_one(conn, sql, params)
