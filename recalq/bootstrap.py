@@ -84,21 +84,23 @@ class Runtime:
         return RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter)
 
     @cached_property
-    def recalculator(self) -> Recalculator:
+    def recalculation_policy(self) -> RecalculationPolicy:
         s = self.settings
+        return RecalculationPolicy(
+            lease_seconds=s.job_lease_seconds,
+            retry=self.retry_policy,
+            infra_retry=RetryPolicy(min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter),
+            busy_retry_seconds=s.busy_retry_seconds,
+            lock_timeout_ms=s.lock_timeout_ms,
+        )
+
+    @cached_property
+    def recalculator(self) -> Recalculator:
         return Recalculator(
             connection=self.connection,
-            policy=RecalculationPolicy(
-                lease_seconds=s.job_lease_seconds,
-                retry=self.retry_policy,
-                infra_retry=RetryPolicy(
-                    min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter
-                ),
-                busy_retry_seconds=s.busy_retry_seconds,
-                lock_timeout_ms=s.lock_timeout_ms,
-            ),
+            policy=self.recalculation_policy,
             today=utc_today,
-            probe=probe_from_spec(s.fault),
+            probe=probe_from_spec(self.settings.fault),
         )
 
     # -- Celery and the relay ---------------------------------------------------------------

@@ -35,11 +35,11 @@ from hypothesis.stateful import (
 )
 from psycopg.rows import dict_row
 
-from outbox.backoff import RetryPolicy
 from outbox.relay import Relay
+from recalq.bootstrap import Runtime
 from recalq.settings import Settings
 from services.documents import delete_document, reject_document, verify_document
-from services.recalculation import Outcome, RecalculationPolicy, Recalculator, RetryLater
+from services.recalculation import Outcome, Recalculator, RetryLater
 from services.scoring import REQUIREMENTS, DocumentStatus
 from services.vocabulary import TriggerReason
 from tests.harness.data import ADMIN, cid, new_document, provision, upload
@@ -116,17 +116,9 @@ def recalculator_factory(settings_: Settings, today: Callable[[], date]) -> Call
     def build(
         connection: Callable[[], AbstractContextManager[psycopg.Connection]], probe: Callable[[str], None]
     ) -> Recalculator:
-        s = settings_
         return Recalculator(
             connection=connection,
-            policy=RecalculationPolicy(
-                lease_seconds=s.job_lease_seconds,
-                retry=RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter),
-                infra_retry=RetryPolicy(min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds,
-                                        s.retry_jitter),
-                busy_retry_seconds=s.busy_retry_seconds,
-                lock_timeout_ms=s.lock_timeout_ms,
-            ),
+            policy=Runtime(settings_).recalculation_policy,
             today=today,
             probe=probe,
             rand=lambda: 0.5,  # the nominal delay: jitter is not what is under test here
