@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Self
 
+import psutil
 import psycopg
 
 from tests.harness.services import ServiceMissing
@@ -58,16 +59,6 @@ def _tcp_answers(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -179,18 +170,18 @@ class PrivateRabbitMQ(_PrivateService):
     def stop(self, timeout: float = 60) -> None:
         """A clean node shutdown: queues are closed and written out, clients disconnected."""
         result = self._run(self._ctl, "-n", self.node, "stop", str(self.dir / "pid"), timeout=timeout)
-        if result.returncode != 0 and self._pid is not None and _pid_alive(self._pid):
+        if result.returncode != 0 and self._pid is not None and psutil.pid_exists(self._pid):
             raise AssertionError(f"rabbitmqctl stop failed: {result.stderr}{result.stdout}")
         wait_until(lambda: not _tcp_answers(self.port), 10, "the RabbitMQ listener to close")
 
     def close(self) -> None:
         try:
-            if self._pid is not None and _pid_alive(self._pid):
+            if self._pid is not None and psutil.pid_exists(self._pid):
                 with contextlib.suppress(Exception):
                     self._run(self._ctl, "-n", self.node, "stop", str(self.dir / "pid"), timeout=30)
-                if _pid_alive(self._pid):
+                if psutil.pid_exists(self._pid):
                     os.kill(self._pid, signal.SIGKILL)
-                    wait_until(lambda: not _pid_alive(self._pid), 10, "the RabbitMQ node to die")
+                    wait_until(lambda: not psutil.pid_exists(self._pid), 10, "the RabbitMQ node to die")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ from psycopg import errors
 import outbox
 from outbox import lifecycle
 from outbox.lifecycle import FailOutcome, StartOutcome
+from tests.harness.observe import waits_on_a_lock
 from tests.harness.system import wait_until
 
 TASK = "compliance.recalculate_property"
@@ -343,12 +344,8 @@ def test_a_retryable_failure_racing_a_producer_that_creates_the_waiting_job_is_s
         ).job_id  # not committed yet: the failure's update must wait on its index entry
         failing = pool.submit(fail, conn, running, started.attempt, retryable=True)
         with psycopg.connect(module_database_url, autocommit=True) as probe:
-            wait_until(
-                lambda: probe.execute(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
-                ).fetchone() == ("Lock",),
-                10, "the failure to wait on the producer's new job",
-            )
+            wait_until(lambda: waits_on_a_lock(probe, conn.info.backend_pid), 10,
+                       "the failure to wait on the producer's new job")
         producer.commit()
         assert failing.result(timeout=10) is FailOutcome.SUPERSEDED
 
@@ -489,12 +486,8 @@ def test_requeueing_a_dead_job_racing_a_producer_that_creates_the_waiting_job_su
 
         requeueing = pool.submit(requeue)
         with psycopg.connect(module_database_url, autocommit=True) as probe:
-            wait_until(
-                lambda: probe.execute(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
-                ).fetchone() == ("Lock",),
-                10, "the requeue to wait on the producer's new job",
-            )
+            wait_until(lambda: waits_on_a_lock(probe, conn.info.backend_pid), 10,
+                       "the requeue to wait on the producer's new job")
         producer.commit()
         assert requeueing.result(timeout=10) == waiting
 
