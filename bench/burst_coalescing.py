@@ -268,7 +268,7 @@ def run_broker(broker: str, args: argparse.Namespace, logdir: Path, min_interval
     processes = Processes({"RECALQ_DATABASE_URL": url, "RECALQ_BROKER_URL": broker, "RECALQ_QUEUE": queue}, logdir)
     try:
         processes.start("relay", ["-m", "recalq", "relay"])
-        processes.worker("tasks", queue, "worker")
+        processes.worker("recalq.celery_app", queue, "worker")
         with psycopg.connect(url, autocommit=True) as conn:
             def idle() -> bool:
                 return conn.execute("SELECT count(*) = 0 FROM outbox_job WHERE status = ANY(%s::outbox_job_status[])",

@@ -45,7 +45,7 @@ BROKERS = {
 }
 
 #: `celery worker` flags for recalq's worker and the baseline's alike: the production form
-#: (`recalq worker` = `celery -A tasks worker -E`) with 2 prefork processes. WARNING keeps
+#: (`recalq worker` = `celery -A recalq.celery_app worker -E`) with 2 prefork processes. WARNING keeps
 #: per-task log lines out of both, as production would at scale.
 WORKER_FLAGS = ["-E", "-P", "prefork", "-c", "2", "--without-mingle", "--without-gossip",
                 "--without-heartbeat", "-l", "WARNING"]
@@ -221,7 +221,7 @@ class Process:
 
 def start_recalq_worker(env: dict[str, str]) -> Process:
     """recalq's worker as production runs it; ready when it consumes (callers wait on work)."""
-    return Process("recalq-worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker",
+    return Process("recalq-worker", [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker",
                                      "-Q", env["RECALQ_QUEUE"], "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
                                      *WORKER_FLAGS], env)
 

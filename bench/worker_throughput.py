@@ -6,7 +6,7 @@ Celery tasks drained by the same worker flags on the same broker in the same run
 
 recalq: `--jobs` properties with `--documents` documents each are made through the services
 (each ends with one pending job), the real relay code publishes every job (confirms on
-RabbitMQ), then `celery -A tasks worker -P prefork -c 2` starts and recalculates them all:
+RabbitMQ), then `celery -A recalq.celery_app worker -P prefork -c 2` starts and recalculates them all:
 fenced start, score, drift check, history snapshot, audit rows, completion. Rate = jobs /
 (last finished_at - first started_at), both from Postgres; the rate including start-up counts
 from the worker's spawn. Every job must end done after one attempt with one history row and one

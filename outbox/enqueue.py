@@ -12,6 +12,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from outbox.connection import Connectionish, fetch_one, raise_if_contract_violation
+from outbox.errors import ActiveJobExists, CoolingDown
 from outbox.queries import QUERIES
 
 
@@ -38,6 +39,13 @@ def enqueue(
     actor_id: str | None = None,
     max_attempts: int | None = None,
 ) -> Enqueued:
+    """Adds a request for `task` on the caller's open connection, in the caller's transaction.
+
+    What the request does depends on the task's coalescing mode (outbox_task.mode): it joins the
+    key's waiting job or creates one (`coalesce`), creates the key's one active job (`unique_active`;
+    raises ActiveJobExists or CoolingDown instead, having written nothing), or creates a job of its
+    own (`none`). A repeated (coalescing_key, correlation_id) answers with the first request.
+    """
     params = {
         "task": task,
         "coalescing_key": coalescing_key,
@@ -54,6 +62,12 @@ def enqueue(
         raise_if_contract_violation(exc)
         raise
     assert row is not None  # the function always returns one row
+    refusal = row.pop("refusal")
+    retry_after = row.pop("retry_after_s")
+    if refusal == "active":
+        raise ActiveJobExists(coalescing_key, row["job_id"])
+    if refusal == "cooldown":
+        raise CoolingDown(coalescing_key, retry_after)
     return Enqueued(**row)
 
 

@@ -1,8 +1,21 @@
-"""Errors the outbox raises. One root, so callers can catch `OutboxError`.
+"""Errors the outbox raises, and the ones a job's handler raises to tell the runner what a
+failure means. One root, so callers can catch `OutboxError`.
 
     OutboxError
-     +-- InvalidEnqueue      the database refused an enqueue (names the rule broken)
-     +-- PublishFailed       the broker did not take (all of) a batch
+     +-- InvalidEnqueue             the database refused an enqueue (names the rule broken)
+     +-- EnqueueRefused             a unique_active task refused a submission; nothing was written
+     |    +-- ActiveJobExists       the key already has an active job (`active_job_id`)
+     |    +-- CoolingDown           the key's last job finished less than the cooldown ago
+     +-- PublishFailed              the broker did not take (all of) a batch
+     +-- JobError                   raised inside a job's attempt; the runner sorts it:
+          +-- PermanentJobError         retrying cannot help: the job is DEAD at once
+          +-- InfrastructureUnavailable the database is unreachable: retried, never counted
+          +-- RetryableJobError         a counted, retried attempt with the handler's reason
+          +-- FencedOut                 the attempt lost its job (taken over, finished): stop
+
+Any other exception from a handler is a counted attempt too, retried with backoff until the
+job's attempts run out (G5): a bug or a flaky dependency is treated like any failure, and the
+job ends DEAD, visible and requeueable, after its last attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +38,28 @@ class InvalidEnqueue(OutboxError):
         self.hint = hint
 
 
+class EnqueueRefused(OutboxError):
+    """The task's policy refused the submission; the caller's transaction is intact."""
+
+
+class ActiveJobExists(EnqueueRefused):
+    """The key already has an active job: one at a time."""
+
+    def __init__(self, coalescing_key: str, active_job_id: int) -> None:
+        super().__init__(f"key {coalescing_key!r} already has active job {active_job_id}")
+        self.coalescing_key = coalescing_key
+        self.active_job_id = active_job_id
+
+
+class CoolingDown(EnqueueRefused):
+    """The key's previous job finished less than the task's cooldown ago."""
+
+    def __init__(self, coalescing_key: str, retry_after_seconds: float) -> None:
+        super().__init__(f"key {coalescing_key!r} is cooling down for another {retry_after_seconds:.1f}s")
+        self.coalescing_key = coalescing_key
+        self.retry_after_seconds = retry_after_seconds
+
+
 class PublishFailed(OutboxError):
     """The broker did not accept every message of a batch."""
 
@@ -32,3 +67,25 @@ class PublishFailed(OutboxError):
         super().__init__(message)
         #: Job ids that did reach the broker before the failure.
         self.published = tuple(published)
+
+
+class JobError(OutboxError):
+    """A job's attempt failed."""
+
+
+class PermanentJobError(JobError):
+    """Retrying cannot help (the job's subject does not exist, its payload is malformed): the
+    job goes DEAD at once with this reason. A package's own errors may inherit it as well."""
+
+
+class InfrastructureUnavailable(JobError):
+    """The database could not be reached; the attempt is retried and not counted."""
+
+
+class RetryableJobError(JobError):
+    """The attempt failed for a reason that may clear (contention, a provider's 500); it counts
+    and is retried with backoff."""
+
+
+class FencedOut(JobError):
+    """The attempt no longer holds its job (taken over, or finished): its work must roll back."""

@@ -1,8 +1,9 @@
-"""A worker's side of the job lifecycle: start, complete, fail, requeue.
+"""A worker's side of the job lifecycle: start, heartbeat, complete, fail, requeue.
 
-Each call is one SQL function (migrations/functions/outbox_v1.sql) run on the caller's
+Each call is one SQL function (migrations/functions/outbox_v5.sql) run on the caller's
 connection, so the transition is atomic and fenced by the attempt number: an attempt that
-lost its lease can neither complete nor fail the job.
+lost its lease can neither complete nor fail the job. Each also keeps the attempt's row of
+outbox_attempt, so every attempt's outcome and error stay readable.
 
 Every call also works on a psycopg connection in pipeline mode (a worker sends a transaction's
 statements in a few round trips): `outbox.connection.fetch_all` waits for each result.
@@ -10,7 +11,7 @@ statements in a few round trips): `outbox.connection.fetch_all` waits for each r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -53,6 +54,9 @@ class Start:
     coalescing_key: str | None
     #: For BUSY when the job is not due yet: seconds until it is.
     retry_after_s: float | None
+    #: For STARTED: the lease the attempt holds, in seconds (heartbeat well within it). Left out of
+    #: equality: two starts are the same transition whatever lease the task gives.
+    lease_s: float | None = field(default=None, compare=False)
 
 
 def start(
@@ -60,9 +64,11 @@ def start(
     job_id: int,
     *,
     redelivered: bool,
-    lease_seconds: float,
+    lease_seconds: float | None,
     resume_attempt: int | None = None,
+    worker: str | None = None,
 ) -> Start:
+    """`lease_seconds` None: the task's own lease. `worker` names the worker in the attempt's row."""
     row = fetch_one(
         conn,
         QUERIES["start_job"],
@@ -71,6 +77,7 @@ def start(
             "redelivered": redelivered,
             "lease_seconds": lease_seconds,
             "resume_attempt": resume_attempt,
+            "worker": worker,
         },
     )
     assert row is not None
@@ -80,7 +87,14 @@ def start(
         payload=row["payload"],
         coalescing_key=row["coalescing_key"],
         retry_after_s=row["retry_after_s"],
+        lease_s=row["lease_s"],
     )
+
+
+def heartbeat(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
+    """Extends the attempt's lease by its task's lease; False when the attempt lost its job."""
+    row = fetch_one(conn, QUERIES["heartbeat_job"], {"job_id": job_id, "attempt": attempt})
+    return bool(row and row["alive"])
 
 
 def complete(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
@@ -113,7 +127,8 @@ def fail(
 
 
 def requeue(conn: psycopg.Connection, job_id: int) -> int | None:
-    """Gives a DEAD job fresh attempts; returns the job that will run, or None if not DEAD."""
+    """Gives a DEAD job fresh attempts under a new Celery task id; returns the job that will run,
+    or None if it is not DEAD (or its unique_active key is held by another job)."""
     row = fetch_one(conn, QUERIES["requeue_job"], {"job_id": job_id})
     return row["job_id"] if row else None
 

@@ -3,14 +3,16 @@
 
 -- name: enqueue_request
 -- The producer contract; see docs/producer-contract.md. Defined in
--- migrations/functions/outbox_v3.sql (a join locks the waiting job instead of rewriting it; a
--- new job honours its task's min_interval).
-SELECT job_id, request_id, created_request, created_job
+-- migrations/functions/outbox_v5.sql (the task's coalescing mode decides whether a request joins
+-- the key's waiting job, is refused by the key's active job or cooldown, or creates a job).
+SELECT job_id, request_id, created_request, created_job, refusal,
+       extract(epoch FROM retry_after)::float8 AS retry_after_s
   FROM outbox_enqueue_request(%(task)s, %(coalescing_key)s, %(payload)s, %(correlation_id)s,
                               %(trigger_reason)s, %(actor_type)s, %(actor_id)s, %(max_attempts)s)
 
 -- name: claim_due_jobs
--- The relay claims due pending jobs for a short lease. SKIP LOCKED lets relays run side by
+-- The relay claims due pending jobs for a short lease, with the queue and time limits their
+-- task's policy gives each message. SKIP LOCKED lets relays run side by
 -- side; the lease (not the row lock) keeps a claimed row from being claimed twice while it is
 -- published, and lets another relay pick it up if this one dies. Never pages by id: a row
 -- that commits late is simply claimed by a later pass.
@@ -23,9 +25,9 @@ UPDATE outbox_job j
            AND (claimed_until IS NULL OR claimed_until < now())
          ORDER BY next_run_at
          LIMIT %(limit)s
-           FOR UPDATE SKIP LOCKED) due
- WHERE j.id = due.id
-RETURNING j.id, j.task, j.payload, j.celery_task_id
+           FOR UPDATE SKIP LOCKED) due, outbox_task t
+ WHERE j.id = due.id AND t.name = j.task
+RETURNING j.id, j.task, j.payload, j.celery_task_id, t.queue, t.time_limit_seconds, t.soft_time_limit_seconds
 
 -- name: seconds_until_next_due
 -- Seconds until the earliest pending job that is not due yet falls due (NULL: none), so the
@@ -69,9 +71,9 @@ UPDATE outbox_job j
            AND (claimed_until IS NULL OR claimed_until < now())
          ORDER BY id
          LIMIT %(limit)s
-           FOR UPDATE SKIP LOCKED) lost
- WHERE j.id = lost.id
-RETURNING j.id, j.task, j.payload, j.celery_task_id
+           FOR UPDATE SKIP LOCKED) lost, outbox_task t
+ WHERE j.id = lost.id AND t.name = j.task
+RETURNING j.id, j.task, j.payload, j.celery_task_id, t.queue, t.time_limit_seconds, t.soft_time_limit_seconds
 
 -- name: mark_rescued
 -- After the broker confirmed the re-sent messages.
@@ -81,8 +83,14 @@ UPDATE outbox_job
  WHERE id = ANY(%(ids)s)
 
 -- name: start_job
-SELECT outcome, attempt, payload, coalescing_key, extract(epoch FROM retry_after)::float8 AS retry_after_s
-  FROM outbox_start(%(job_id)s, %(redelivered)s, make_interval(secs => %(lease_seconds)s), %(resume_attempt)s)
+-- A NULL lease_seconds takes the task's lease (outbox_task.lease_seconds).
+SELECT outcome, attempt, payload, coalescing_key, extract(epoch FROM retry_after)::float8 AS retry_after_s,
+       extract(epoch FROM lease)::float8 AS lease_s
+  FROM outbox_start(%(job_id)s, %(redelivered)s, make_interval(secs => %(lease_seconds)s::float8),
+                    %(resume_attempt)s, %(worker)s)
+
+-- name: heartbeat_job
+SELECT outbox_heartbeat(%(job_id)s, %(attempt)s) AS alive
 
 -- name: complete_job
 SELECT outbox_complete(%(job_id)s, %(attempt)s) AS completed
@@ -174,3 +182,10 @@ SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM requests) AS r
 -- name: job_by_celery_task_id
 -- The job a broker message belongs to: every publication of a job carries its fixed task id.
 SELECT id AS job_id FROM outbox_job WHERE celery_task_id = %(celery_task_id)s
+
+-- name: fence_attempt
+-- The attempt still holds its job (not taken over or superseded); locks it until commit, so no
+-- takeover can start while the attempt's effects commit.
+SELECT 1 FROM outbox_job
+ WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s
+   FOR UPDATE

@@ -39,6 +39,11 @@ class OutboxMessage:
     payload: dict[str, Any]
     #: Fixed when the job was inserted, so every publication of a job carries the same id.
     task_id: UUID
+    #: The task's Celery queue (outbox_task.queue); None: the deployment's default queue.
+    queue: str | None = None
+    #: The task's hard and soft time limits, carried by the message so each kind has its own.
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
 
 
 #: Publishes a batch; raises PublishFailed naming the job ids that did get through.
@@ -123,7 +128,8 @@ class Relay:
                 rows = cur.fetchall()
         if not rows:
             return PassResult(0, 0)
-        messages = [OutboxMessage(job_id=r[0], task=r[1], payload=r[2], task_id=r[3]) for r in rows]
+        messages = [OutboxMessage(job_id=r[0], task=r[1], payload=r[2], task_id=r[3], queue=r[4],
+                                  time_limit=r[5], soft_time_limit=r[6]) for r in rows]
         self._probe("relay.after_claim")
         failure: PublishFailed | None = None
         try:

@@ -26,7 +26,7 @@ def record_unrunnable_delivery(
     celery_task_id: str,
     *,
     reason: str,
-    lease_seconds: float,
+    lease_seconds: float | None,
     retry: RetryPolicy,
 ) -> FailOutcome | None:
     """Counts the delivery as a failed attempt of its job; None when there is nothing to count

@@ -16,7 +16,7 @@ from recalq.settings import Settings
 #: Beat's schedule state (a shelve file), under the data dir.
 SCHEDULE_FILE = "celerybeat-schedule"
 HELP = """\
-Runs celery beat (the same as `celery -A tasks beat`) with its schedule state in
+Runs celery beat (the same as `celery -A recalq.celery_app beat`) with its schedule state in
 DATA_DIR/celerybeat-schedule. Needs BROKER_URL. Run exactly one per deployment. Other
 `celery beat` options go after `--`, e.g. `recalq beat -- --max-interval 60`.
 """

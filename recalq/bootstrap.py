@@ -1,8 +1,12 @@
-"""The composition root: builds a process's pool, Celery app, recalculator and relay.
+"""The composition root: builds a process's pool, Celery app, job runners and relay.
 
 Nothing is built at import time. `runtime()` builds the one Runtime of this process from the
 one Settings object on first use; the Celery app is made when a command asks for it, and the
 connection pool is made lazily in the process that uses it (after a prefork worker forks).
+
+This is the one module that knows every concrete class: each job kind's handler (services/) is
+wrapped in the generic runner (outbox/) and registered as a task (tasks/) here. Adding a job kind
+is a handler, a task name, an outbox_task row, and one entry in `Runtime.job_kinds`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import cache, cached_property
 
 import psycopg
@@ -21,12 +25,18 @@ from psycopg_pool import ConnectionPool
 
 from outbox.backoff import RetryPolicy
 from outbox.relay import Relay
+from outbox.runner import Handler, JobRunner, RunnerPolicy
 from outbox.unrunnable import record_unrunnable_delivery
 from recalq.celery_config import celery_config
 from recalq.faults import probe_from_spec
 from recalq.publisher import CeleryPublisher
 from recalq.settings import Settings
+from services.file_store import FileStore
 from services.recalculation import RecalculationPolicy, Recalculator
+from services.vocabulary import RECALCULATE_TASK
+from tasks import recalculation as recalculation_task
+from tasks.jobs import register_job_task
+from tasks.maintenance import MaintenanceDeps, register_maintenance_tasks
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +94,25 @@ class Runtime:
         return RetryPolicy(s.retry_base_seconds, s.retry_max_seconds, s.retry_jitter)
 
     @cached_property
+    def infra_retry_policy(self) -> RetryPolicy:
+        """The wait after an infrastructure error (never counted), growing per consecutive one."""
+        s = self.settings
+        return RetryPolicy(min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter)
+
+    @cached_property
+    def runner_policy(self) -> RunnerPolicy:
+        """Every kind's runner: the lease is each task's own (outbox_task.lease_seconds)."""
+        s = self.settings
+        return RunnerPolicy(retry=self.retry_policy, infra_retry=self.infra_retry_policy,
+                            busy_retry_seconds=s.busy_retry_seconds, lease_seconds=None)
+
+    @cached_property
     def recalculation_policy(self) -> RecalculationPolicy:
         s = self.settings
         return RecalculationPolicy(
-            lease_seconds=s.job_lease_seconds,
+            lease_seconds=None,
             retry=self.retry_policy,
-            infra_retry=RetryPolicy(min(1.0, s.infra_retry_max_seconds), s.infra_retry_max_seconds, s.retry_jitter),
+            infra_retry=self.infra_retry_policy,
             busy_retry_seconds=s.busy_retry_seconds,
             lock_timeout_ms=s.lock_timeout_ms,
         )
@@ -103,12 +126,41 @@ class Runtime:
             probe=probe_from_spec(self.settings.fault),
         )
 
+    def job_kinds(self) -> dict[str, Handler]:
+        """Every job kind this deployment runs: task name -> handler. The recalculation's handler
+        is the Recalculator's, so the worker and the tests that drive it run the same code."""
+        return {RECALCULATE_TASK: self.recalculator.handler}
+
+    def runner(self, handler: Handler) -> JobRunner:
+        return JobRunner(handler=handler, connection=self.connection, policy=self.runner_policy,
+                         probe=probe_from_spec(self.settings.fault))
+
+    @cached_property
+    def runners(self) -> dict[str, JobRunner]:
+        return {name: self.recalculator.runner if name == RECALCULATE_TASK else self.runner(handler)
+                for name, handler in self.job_kinds().items()}
+
+    def maintenance(self) -> MaintenanceDeps:
+        s = self.settings
+        return MaintenanceDeps(
+            connection=self.connection,
+            relay=self.relay,
+            today=utc_today,
+            prune_after=timedelta(days=s.prune_after_days),
+            file_store=lambda: FileStore(s.document_dir),
+            drift_sweep_batch_size=s.drift_sweep_batch_size,
+        )
+
     # -- Celery and the relay ---------------------------------------------------------------
     @cached_property
     def celery_app(self) -> Celery:
-        app = Celery("recalq", include=["tasks.recalculation", "tasks.maintenance"])
+        app = Celery("recalq")
         app.config_from_object(celery_config(self.settings))
-        app.recalq = self  # the tasks' way back to this runtime
+        recalculation_task.register(app, lambda: self.runners[RECALCULATE_TASK])
+        for name in self.job_kinds():
+            if name != RECALCULATE_TASK:
+                register_job_task(app, name, lambda name=name: self.runners[name])
+        register_maintenance_tasks(app, self.maintenance)
         worker_process_init.connect(self._on_worker_process_init, weak=False)
         worker_process_shutdown.connect(self._on_worker_process_shutdown, weak=False)
         task_unknown.connect(self._on_task_unknown, weak=False)
@@ -145,13 +197,12 @@ class Runtime:
         """Celery discarded a message for a task this worker does not run: count its attempt, or
         the rescue would re-send it for ever. Runs in the consumer; a rare event, so it uses a
         short-lived connection, and a database error only costs the count (the rescue re-sends)."""
-        s = self.settings
         try:
             with self.connect() as conn:
                 conn.autocommit = True
                 outcome = record_unrunnable_delivery(
                     conn, str(id), reason=f"no worker that received it runs task {name!r}",
-                    lease_seconds=s.job_lease_seconds,
+                    lease_seconds=None,
                     retry=self.retry_policy,
                 )
         except psycopg.Error as exc:

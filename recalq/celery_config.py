@@ -20,15 +20,14 @@ from celery.schedules import crontab
 
 from recalq.settings import Settings
 
+#: The maintenance tasks beat sends, under the names tasks/maintenance.py registers them.
+from tasks.maintenance import DRIFT_SWEEP_TASK, MAINTENANCE_TASKS, PRUNE_TASK, RESCUE_TASK, ROLLOVER_TASK
+
+__all__ = ["DRIFT_SWEEP_TASK", "MAINTENANCE_TASKS", "PRUNE_TASK", "RESCUE_TASK", "ROLLOVER_TASK",
+           "beat_schedule", "celery_config"]
+
 RETRY_COUNTDOWN_CAP_SECONDS = 600.0
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
-
-#: The maintenance tasks beat sends (tasks/maintenance.py registers them under these names).
-ROLLOVER_TASK = "maintenance.expiry_rollover"
-RESCUE_TASK = "maintenance.rescue"
-PRUNE_TASK = "maintenance.prune"
-DRIFT_SWEEP_TASK = "maintenance.drift_sweep"
-MAINTENANCE_TASKS = (ROLLOVER_TASK, RESCUE_TASK, PRUNE_TASK, DRIFT_SWEEP_TASK)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -89,7 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """What `celery -A tasks beat` sends, in UTC (the app's timezone; crontabs follow it).
+    """What `celery -A recalq.celery_app beat` sends, in UTC (the app's timezone; crontabs follow it).
 
     Every task is idempotent, so two beats, or a rerun by hand, do no harm. `expires` drops a
     message that waited in the queue past the point where the next run supersedes it, so a

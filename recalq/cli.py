@@ -5,7 +5,7 @@
     recalq demo       `up` plus sample data and live score updates
     recalq migrate    apply database migrations
     recalq relay      run one outbox relay
-    recalq worker     run a Celery worker (same as `celery -A tasks worker -E`)
+    recalq worker     run a Celery worker (same as `celery -A recalq.celery_app worker -E`)
     recalq beat       run celery beat, the periodic maintenance tasks (exactly one)
     recalq flower     run Flower, the web monitor (needs RECALQ_FLOWER_BASIC_AUTH)
     recalq api        serve the HTTP API (uvicorn; /docs shows it)
@@ -139,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser(
         "migrate", help="apply database migrations",
-        description="Applies the database migrations up to REVISION (default: head), then makes "
-        "RECALQ_MAX_ATTEMPTS the attempt limit of every task. Safe to run again; run it once per deploy, "
-        "before the new processes start. Needs DATABASE_URL.",
+        description="Applies the database migrations up to REVISION (default: head), then applies the "
+        "settings to the recalculation task's policy (RECALQ_MAX_ATTEMPTS, RECALQ_JOB_LEASE_SECONDS, "
+        "RECALQ_TASK_TIME_LIMIT, RECALQ_TASK_SOFT_TIME_LIMIT, RECALQ_RECALC_MIN_INTERVAL_SECONDS). Safe to run "
+        "again; run it once per deploy, before the new processes start. Needs DATABASE_URL.",
     )
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(run=_migrate)
@@ -157,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker", help="run a Celery worker",
         description="Runs a Celery worker on RECALQ_QUEUE with RECALQ_WORKER_CONCURRENCY processes and "
-        "task events on (the same as `celery -A tasks worker -E`). Arguments after `--` go to `celery "
+        "task events on (the same as `celery -A recalq.celery_app worker -E`). Arguments after `--` go to `celery "
         "worker`, e.g. `recalq worker -- -n w1@%h`. Needs DATABASE_URL and BROKER_URL.",
     )
     worker.add_argument("extra", nargs=argparse.REMAINDER, help="extra `celery worker` arguments")

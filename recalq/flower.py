@@ -44,7 +44,7 @@ _FROM_SETTINGS = {
     "db": "RECALQ_DATA_DIR",
 }
 HELP = """\
-Runs Flower (the same as `celery -A tasks flower`) on RECALQ_FLOWER_HOST:RECALQ_FLOWER_PORT
+Runs Flower (the same as `celery -A recalq.celery_app flower`) on RECALQ_FLOWER_HOST:RECALQ_FLOWER_PORT
 (default 127.0.0.1:5555), behind HTTP basic auth from RECALQ_FLOWER_BASIC_AUTH ("user:password";
 without it Flower does not start). Needs BROKER_URL, not the database. Its state is kept in
 DATA_DIR/flower-state. Other Flower options go after `--`, e.g.

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
-from services.db_errors import is_infrastructure_error, is_transient_error
+from outbox.db_errors import is_infrastructure_error, is_transient_error
 from services.queries import QUERIES
 from services.vocabulary import AuditAction
 

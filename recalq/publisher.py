@@ -69,6 +69,8 @@ class CeleryPublisher:
         #: Delivery tag -> job id of the task messages awaiting an answer (tags ascend).
         self._unanswered: OrderedDict[int, int] = OrderedDict()
         self._acked: list[int] = []
+        #: Queues declared on the current channel.
+        self._declared: set[str] = set()
         self._nacked: list[int] = []
         # Settings send_task reads per message, read once (a settings lookup is not free).
         conf = app.conf
@@ -249,6 +251,7 @@ class CeleryPublisher:
             producer = Producer(channel, auto_declare=False)
             # send_task declares the task queue with every message; once per channel will do.
             producer.maybe_declare(self._app.amqp.queues[self._queue])
+            self._declared = {self._queue}
             if self._send_sent_event:
                 # Bound to this channel, the event exchange's per-event declaration is a cache
                 # hit instead of a copy of the entity.
@@ -305,9 +308,12 @@ class CeleryPublisher:
         name = message.task
         task_id = str(message.task_id)
         kwargs = {"job_id": message.job_id, "payload": message.payload}
-        task, options = self._task_options(name)
-        time_limit = options.pop("time_limit", None)
-        soft_time_limit = options.pop("soft_time_limit", None)
+        task, options = self._task_options(name, message.queue)
+        # The task's policy in Postgres decides its limits; a task option is the fallback.
+        time_limit = message.time_limit or options.pop("time_limit", None)
+        soft_time_limit = message.soft_time_limit or options.pop("soft_time_limit", None)
+        options.pop("time_limit", None)
+        options.pop("soft_time_limit", None)
         expires = options.pop("expires", None)
         if expires is not None:
             options["expiration"] = expires
@@ -339,6 +345,9 @@ class CeleryPublisher:
         elif exchange is None:
             exchange = queue.exchange.name or amqp.default_exchange
             routing_key = routing_key or queue.routing_key or self._routing_key
+        if queue.name not in self._declared:
+            producer.maybe_declare(queue)  # send_task declares with every message; once will do
+            self._declared.add(queue.name)
         signals.before_task_publish.send(
             sender=name, body=body, exchange=exchange, routing_key=routing_key, declare=[queue],
             headers=headers, properties=properties, retry_policy=dict(self._retry_policy),
@@ -356,10 +365,10 @@ class CeleryPublisher:
             self._events.publish("task-sent", sent_event, producer)
         return delivery_tag
 
-    def _task_options(self, name: str) -> tuple[Any, dict[str, Any]]:
+    def _task_options(self, name: str, queue: str | None) -> tuple[Any, dict[str, Any]]:
         """The task if registered in this process, and its execution options as send_task
-        merges them under ours."""
-        options: dict[str, Any] = {"queue": self._queue, "retry": False}
+        merges them under ours (the queue is the job's task's, else the default)."""
+        options: dict[str, Any] = {"queue": queue or self._queue, "retry": False}
         task = self._app._tasks.get(name)  # send_task's lookup: no finalize, no import
         if task is not None and hasattr(task, "_get_exec_options"):
             defaults = {k: v for k, v in task._get_exec_options().items() if v is not None}

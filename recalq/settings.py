@@ -169,8 +169,7 @@ class Settings(BaseSettings):
             raise ValueError("retry_base_seconds must not exceed retry_max_seconds")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
-        # Busy retries are jittered up to +20 % (services/recalculation.py).
-        longest_countdown = max(self.retry_max_seconds, self.infra_retry_max_seconds, 1.2 * self.busy_retry_seconds)
+        longest_countdown = self.longest_retry_countdown
         if longest_countdown + self.task_time_limit >= RABBITMQ_CONSUMER_TIMEOUT_SECONDS:
             raise ValueError(
                 f"the longest retry countdown ({longest_countdown:g} s) plus task_time_limit must stay below "
@@ -189,6 +188,12 @@ class Settings(BaseSettings):
             if url is not None and not _URL_WITH_SCHEME.match(url):
                 raise ValueError(f"{name} must be a URL with a scheme, got {url!r}")
         return self
+
+    @property
+    def longest_retry_countdown(self) -> float:
+        """The longest countdown a retry message can carry. Busy retries are jittered up to
+        +20 % (outbox/runner.py)."""
+        return max(self.retry_max_seconds, self.infra_retry_max_seconds, 1.2 * self.busy_retry_seconds)
 
     @property
     def document_dir(self) -> Path:

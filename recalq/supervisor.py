@@ -187,7 +187,7 @@ def _supervise(
         log_level = "INFO"
     children.start("relay", [sys.executable, "-m", "recalq", "--log-level", log_level, "relay"],
                    ready_marker="relay connected")
-    children.start("worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E",
+    children.start("worker", [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker", "-E",
                               "-Q", settings.queue, "-n", f"recalq-{os.getpid()}@%h", "--loglevel", log_level,
                               # one worker: no neighbours to sync with at start-up or to gossip to
                               "--without-mingle", "--without-gossip"],

@@ -8,15 +8,19 @@
      +-- InvalidTransition        the entity's state does not allow the change
      +-- DuplicateRequest         the correlation id was accepted before: nothing changed
      +-- RecalculationError       raised inside a recalculation attempt
-          +-- TransientRecalculationError   contention (lock timeout, deadlock, serialization);
-          |                                 the attempt counts and is retried with backoff
-          +-- InfrastructureUnavailable     the database is unreachable; retried, never counted
           +-- PermanentRecalculationError   retrying cannot help: the job goes DEAD at once
+                                            (also an outbox PermanentJobError, which is how
+                                            the generic runner knows)
+
+How every other failure of an attempt is treated (contention, an outage, a bug) is decided once,
+by the runner: see outbox.errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from outbox.errors import PermanentJobError
 
 
 class ServiceError(Exception):
@@ -90,13 +94,5 @@ class RecalculationError(ServiceError):
     """A recalculation attempt failed."""
 
 
-class TransientRecalculationError(RecalculationError):
-    """The attempt met contention that may clear; it counts and is retried."""
-
-
-class InfrastructureUnavailable(RecalculationError):
-    """The database could not be reached; the attempt is retried and not counted."""
-
-
-class PermanentRecalculationError(RecalculationError):
+class PermanentRecalculationError(RecalculationError, PermanentJobError):
     """Retrying cannot help; the job goes DEAD with this reason."""

@@ -1,15 +1,6 @@
-"""Celery tasks: thin adapters from broker messages to recalq's services.
+"""Celery tasks: thin adapters from broker messages to recalq's runner and services.
 
-`celery -A tasks worker` finds the app through this module's lazily built `app` attribute;
-nothing is built at import time.
+Nothing here is built at import time and nothing here knows the composition root: the root
+(recalq.bootstrap) builds the Celery app and registers each task on it with what the task
+needs. `celery -A recalq.celery_app worker` finds that app.
 """
-
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    if name in {"app", "celery"}:
-        from recalq.bootstrap import runtime
-
-        return runtime().celery_app
-    raise AttributeError(f"module 'tasks' has no attribute {name!r}")

@@ -93,12 +93,6 @@ SELECT id, client_id, has_gas_supply, generation, compliance_score, compliance_b
  WHERE id = %(property_id)s
    FOR UPDATE
 
--- name: fence_running_attempt
--- The attempt still holds its job (not taken over or superseded); locks it until commit.
-SELECT 1 FROM outbox_job
- WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s
-   FOR UPDATE
-
 -- name: live_documents_of_property
 SELECT id, requirement_code, status, expires_at
   FROM documents

@@ -1,4 +1,4 @@
-"""celery beat end to end: a real `celery -A tasks beat` sends a maintenance task on its
+"""celery beat end to end: a real `celery -A recalq.celery_app beat` sends a maintenance task on its
 schedule and a real worker runs it. The entry under test is the rescue (the only one whose
 period suits a test): with no relay running, a job whose message was lost can only finish if
 the beat's rescue re-sends it. Both brokers. The nightly tasks are then sent by name to a real

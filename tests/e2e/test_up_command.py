@@ -198,7 +198,7 @@ def test_up_runs_every_process_with_flower_behind_a_password_file_and_leaves_not
 
     family = up.family()
     names = " ".join(" ".join(p.cmdline()) for p in family)
-    for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A tasks worker",
+    for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A recalq.celery_app worker",
                      "recalq --log-level INFO api", "recalq --log-level INFO beat", "recalq --log-level INFO flower"):
         assert expected in names, f"{expected!r} not among the processes of `recalq up`: {names}"
     assert list(data_dir.glob("celerybeat-schedule*")), "beat keeps its schedule in the data dir"

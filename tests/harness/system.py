@@ -109,7 +109,7 @@ class System:
         name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}"
         proc = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E", "-Q", self.queue,
+            [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker", "-E", "-Q", self.queue,
              "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", "--without-mingle",
              "--without-gossip", "-l", "INFO"],
             ready_marker=" ready.",
@@ -133,7 +133,7 @@ class System:
     def start_beat(self, schedule_dir: Path, env: dict[str, str] | None = None) -> Process:
         proc = self._spawn(
             "beat",
-            [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
+            [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "beat", "-l", "INFO",
              "-s", str(schedule_dir / "celerybeat-schedule")],
             ready_marker="beat: Starting",
             env=env or {},

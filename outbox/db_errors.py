@@ -1,10 +1,10 @@
-"""Sorts database errors into the three kinds a recalculation treats differently.
+"""Sorts database errors into the three kinds a job's attempt treats differently (SQLSTATE).
 
 - infrastructure: the database cannot be reached or is shutting down. The attempt is retried
   and never counted, so an outage cannot push healthy jobs to DEAD.
 - transient: contention that may clear (lock timeout, deadlock, serialization failure,
   statement timeout). The attempt counts and is retried with backoff.
-- anything else is not retried.
+- anything else passes unchanged; the runner counts it as a failed attempt like any error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from services.errors import InfrastructureUnavailable, TransientRecalculationError
+from outbox.errors import InfrastructureUnavailable, RetryableJobError
 
 _INFRASTRUCTURE_SQLSTATES = frozenset({
     "57P01",  # admin_shutdown
@@ -49,18 +49,19 @@ def is_transient_error(exc: BaseException) -> bool:
 
 @contextmanager
 def translated_db_errors() -> Iterator[None]:
-    """Re-raises infrastructure and transient database errors as the service's own errors."""
+    """Re-raises infrastructure and transient database errors as the runner's error classes."""
     try:
         yield
     except (psycopg.Error, PoolTimeout) as exc:
         if is_infrastructure_error(exc):
-            raise InfrastructureUnavailable(_describe(exc)) from exc
+            raise InfrastructureUnavailable(describe(exc)) from exc
         if is_transient_error(exc):
-            raise TransientRecalculationError(_describe(exc)) from exc
+            raise RetryableJobError(describe(exc)) from exc
         raise
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One line naming the error's type and SQLSTATE: what an operator reads in last_error."""
     sqlstate = getattr(exc, "sqlstate", None)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{type(exc).__name__}[{sqlstate}]: {message}" if sqlstate else f"{type(exc).__name__}: {message}"

@@ -1,5 +1,6 @@
 """Sorting database errors (G5, G7): an outage must never use up a job's attempts, contention
-must count and back off, and anything else must surface unchanged."""
+must count and back off, and anything else must surface unchanged (the runner then counts it as a
+failed attempt like any other error)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import psycopg.errors as pg_errors
 import pytest
 from psycopg_pool import PoolTimeout
 
-from services.db_errors import is_infrastructure_error, is_transient_error, translated_db_errors
-from services.errors import InfrastructureUnavailable, RecalculationError, TransientRecalculationError
+from outbox.db_errors import is_infrastructure_error, is_transient_error, translated_db_errors
+from outbox.errors import InfrastructureUnavailable, JobError, RetryableJobError
 
 INFRASTRUCTURE = [
     pytest.param(pg_errors.AdminShutdown("terminating connection due to administrator command"), id="57P01"),
@@ -77,13 +78,13 @@ def test_an_infrastructure_error_is_reraised_as_infrastructure_unavailable_with_
     with pytest.raises(InfrastructureUnavailable) as raised, translated_db_errors():
         raise error
     assert raised.value.__cause__ is error
-    assert isinstance(raised.value, RecalculationError)
+    assert isinstance(raised.value, JobError)
     assert type(error).__name__ in str(raised.value)
 
 
 @pytest.mark.parametrize("error", TRANSIENT)
-def test_a_transient_error_is_reraised_as_a_transient_recalculation_error_with_its_cause(error):
-    with pytest.raises(TransientRecalculationError) as raised, translated_db_errors():
+def test_a_transient_error_is_reraised_as_a_retryable_job_error_with_its_cause(error):
+    with pytest.raises(RetryableJobError) as raised, translated_db_errors():
         raise error
     assert raised.value.__cause__ is error
 
@@ -97,7 +98,7 @@ def test_any_other_error_passes_through_unchanged(error):
 
 def test_the_translated_message_names_the_error_class_the_sqlstate_and_the_first_line():
     error = pg_errors.LockNotAvailable("canceling statement due to lock timeout\nCONTEXT: while locking tuple")
-    with pytest.raises(TransientRecalculationError) as raised, translated_db_errors():
+    with pytest.raises(RetryableJobError) as raised, translated_db_errors():
         raise error
     assert str(raised.value) == "LockNotAvailable[55P03]: canceling statement due to lock timeout"
 

@@ -1,0 +1,260 @@
+"""The generic runner: one delivery of any job kind, as a few short, fenced transactions.
+
+1. start:   `outbox_start` counts the attempt, takes a lease and records the attempt's row (its
+            own transaction), or says why this delivery must not run (stale, duplicate, busy,
+            lost for good).
+2. handle:  the job kind's handler does the work through the `Attempt` it is given. Its effects
+            commit in the same transaction as `attempt.complete(conn)`, so a second delivery
+            finds the job done and a zombie attempt finds itself fenced out. A long handler
+            calls `attempt.heartbeat()` to keep its lease.
+3. fail:    an error is sorted once, here: a PermanentJobError ends the job DEAD at once;
+            InfrastructureUnavailable waits and retries without spending the attempt; any
+            other exception is a counted attempt, retried with capped, jittered backoff until
+            the job's attempts run out, then DEAD. The failure is recorded in a transaction of
+            its own, since the one that failed is gone. A DEAD transition runs the handler's
+            `on_dead` in the same transaction (the place for a domain's audit row).
+
+The runner knows nothing of Celery or of any domain: a task adapter hands it deliveries, a
+handler does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+
+from outbox import lifecycle
+from outbox.backoff import RetryPolicy
+from outbox.db_errors import translated_db_errors
+from outbox.errors import FencedOut, InfrastructureUnavailable, PermanentJobError, RetryableJobError
+from outbox.lifecycle import FailOutcome, StartOutcome
+from outbox.outcomes import Completed, Dead, Dropped, Outcome, RetryLater
+from outbox.queries import QUERIES
+from outbox.transactions import pipelined_transaction
+
+log = logging.getLogger(__name__)
+
+ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection]]
+Probe = Callable[[str], None]
+
+
+def no_probe(point: str) -> None:
+    """The production probe: does nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerPolicy:
+    retry: RetryPolicy
+    infra_retry: RetryPolicy
+    busy_retry_seconds: float
+    #: None: the task's own lease (outbox_task.lease_seconds), which is what production uses.
+    lease_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadJob:
+    """What `on_dead` is told about a job that just became DEAD."""
+
+    job_id: int
+    payload: dict[str, Any] | None
+    reason: str
+    attempt: int | None
+
+
+class Handler(Protocol):
+    """A job kind: what one attempt does, and what a DEAD job leaves behind."""
+
+    def run(self, attempt: Attempt) -> Any:
+        """Does the work; commits its effects with `attempt.complete(conn)` (or returns, and
+        the runner completes the job in a transaction of its own). Returns a small result."""
+
+    def on_dead(self, conn: psycopg.Connection, job: DeadJob) -> None:
+        """Runs in the transaction that made the job DEAD."""
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One running attempt, as its handler sees it."""
+
+    job_id: int
+    attempt: int
+    payload: dict[str, Any]
+    coalescing_key: str | None
+    _connection: ConnectionFactory = field(repr=False)
+    #: Seconds between heartbeats that actually write (the rest return at once).
+    _heartbeat_every: float = field(default=5.0, repr=False)
+    _last_heartbeat: float = field(default_factory=time.monotonic, repr=False)
+    completed: bool = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in a pipelined transaction; database errors come out sorted
+        (InfrastructureUnavailable, RetryableJobError) and the transaction rolls back on any error."""
+        with translated_db_errors(), self._connection() as conn, pipelined_transaction(conn):
+            yield conn
+
+    def send_fence(self, conn: psycopg.Connection) -> Callable[[], None]:
+        """Locks the job row if this attempt still holds it. Returns the check: call it after
+        the next fetch (the result travels with the statements sent around it) and it raises
+        FencedOut if the job was taken over."""
+        cur = conn.cursor().execute(QUERIES["fence_attempt"], {"job_id": self.job_id, "attempt": self.attempt})
+
+        def confirm() -> None:
+            if cur.fetchone() is None:
+                raise FencedOut(f"attempt {self.attempt} of job {self.job_id} no longer holds it")
+
+        return confirm
+
+    def complete(self, conn: psycopg.Connection) -> None:
+        """Marks the job done in the caller's transaction, the one holding the job's effects;
+        raises FencedOut (so that transaction rolls back) if the attempt lost its job."""
+        if not lifecycle.complete(conn, self.job_id, self.attempt):
+            raise FencedOut(f"attempt {self.attempt} of job {self.job_id} was fenced out before completing")
+        self.completed = True
+
+    def heartbeat(self, *, force: bool = False) -> None:
+        """Extends the lease (at most every few seconds, unless forced); raises FencedOut when the
+        attempt lost its job, so a handler stops at its next unit instead of working for nothing."""
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self._heartbeat_every:
+            return
+        with translated_db_errors(), self._connection() as conn, conn.transaction():
+            alive = lifecycle.heartbeat(conn, self.job_id, self.attempt)
+        self._last_heartbeat = now
+        if not alive:
+            raise FencedOut(f"attempt {self.attempt} of job {self.job_id} lost its lease")
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        handler: Handler,
+        connection: ConnectionFactory,
+        policy: RunnerPolicy,
+        probe: Probe = no_probe,
+        rand: Callable[[], float] = random.random,
+        heartbeat_every_seconds: float = 30.0,
+    ) -> None:
+        self._handler = handler
+        self._connection = connection
+        self._policy = policy
+        self._probe = probe
+        self._rand = rand
+        self._heartbeat_every = heartbeat_every_seconds
+
+    def run(
+        self,
+        job_id: int,
+        *,
+        redelivered: bool = False,
+        resume_attempt: int | None = None,
+        infra_failures: int = 0,
+        worker: str | None = None,
+    ) -> Outcome:
+        try:
+            start = self._start(job_id, redelivered, resume_attempt, worker)
+        except InfrastructureUnavailable as exc:
+            return self._infra_retry(job_id, resume_attempt, infra_failures, exc)
+
+        if start.outcome is not StartOutcome.STARTED:
+            return self._not_started(job_id, start)
+        assert start.attempt is not None
+        # A heartbeat writes when a quarter of the lease has passed: three chances before it runs out.
+        every = min(self._heartbeat_every, start.lease_s / 4) if start.lease_s else self._heartbeat_every
+        attempt = Attempt(job_id, start.attempt, start.payload or {}, start.coalescing_key, self._connection, every)
+        self._probe("runner.after_start")
+        try:
+            result = self._handler.run(attempt)
+            if not attempt.completed:
+                with attempt.transaction() as conn:
+                    attempt.complete(conn)
+        except FencedOut:
+            return Dropped(job_id, f"attempt {attempt.attempt} was fenced out by a takeover")
+        except InfrastructureUnavailable as exc:
+            return self._infra_retry(job_id, attempt.attempt, infra_failures, exc)
+        except PermanentJobError as exc:
+            return self._fail(attempt, str(exc), retryable=False, infra_failures=infra_failures)
+        except RetryableJobError as exc:
+            return self._fail(attempt, str(exc), retryable=True, infra_failures=infra_failures)
+        except Exception as exc:
+            # A bug, unforeseen data or a flaky dependency: a counted attempt like any failure.
+            log.exception("job %s attempt %s failed", job_id, attempt.attempt)
+            return self._fail(attempt, f"{type(exc).__name__}: {exc}", retryable=True, infra_failures=infra_failures)
+        return Completed(job_id, attempt.attempt, result)
+
+    def _start(self, job_id: int, redelivered: bool, resume_attempt: int | None, worker: str | None) -> lifecycle.Start:
+        with translated_db_errors(), self._connection() as conn, pipelined_transaction(conn):
+            start = lifecycle.start(
+                conn,
+                job_id,
+                redelivered=redelivered,
+                lease_seconds=self._policy.lease_seconds,
+                resume_attempt=resume_attempt,
+                worker=worker,
+            )
+            if start.outcome is StartOutcome.DEAD:
+                self._handler.on_dead(conn, DeadJob(
+                    job_id, start.payload,
+                    f"attempt {start.attempt} was lost (worker died or lease expired) and no attempt is left",
+                    start.attempt,
+                ))
+            return start
+
+    def _not_started(self, job_id: int, start: lifecycle.Start) -> Outcome:
+        match start.outcome:
+            case StartOutcome.BUSY:
+                delay = start.retry_after_s or self._policy.busy_retry_seconds * (0.8 + 0.4 * self._rand())
+                return RetryLater(job_id, delay, counted=False, resume_attempt=None,
+                                  reason="another job of this key is running, or not due yet")
+            case StartOutcome.DEAD:
+                return Dead(job_id, "the last attempt was lost and no attempt is left")
+            case StartOutcome.MISSING:
+                log.warning("delivery names job %s, which does not exist", job_id)
+                return Dropped(job_id, "no such job")
+            case StartOutcome.DUPLICATE:
+                return Dropped(job_id, "another attempt holds this job")
+            case _:
+                return Dropped(job_id, "the job already finished")
+
+    def _fail(self, attempt: Attempt, message: str, *, retryable: bool, infra_failures: int) -> Outcome:
+        job_id = attempt.job_id
+        delay = self._policy.retry.delay(attempt.attempt, rand=self._rand)
+        try:
+            with translated_db_errors(), self._connection() as conn, conn.transaction():
+                outcome = lifecycle.fail(conn, job_id, attempt.attempt, error=message,
+                                         retryable=retryable, retry_in_seconds=delay)
+                if outcome is FailOutcome.DEAD:
+                    self._handler.on_dead(conn, DeadJob(job_id, attempt.payload, message, attempt.attempt))
+        except InfrastructureUnavailable as exc:
+            return self._infra_retry(job_id, attempt.attempt, infra_failures, exc)
+        match outcome:
+            case FailOutcome.RETRYING:
+                log.info("job %s attempt %s failed (%s); retrying in %.1fs", job_id, attempt.attempt, message, delay)
+                return RetryLater(job_id, delay, counted=True, resume_attempt=None, reason=message)
+            case FailOutcome.DEAD:
+                log.warning("job %s is DEAD after attempt %s: %s", job_id, attempt.attempt, message)
+                return Dead(job_id, message)
+            case FailOutcome.SUPERSEDED:
+                log.info("job %s attempt %s failed (%s); the key's waiting job covers it",
+                         job_id, attempt.attempt, message)
+                return Dropped(job_id,
+                               f"attempt {attempt.attempt} failed and the key's waiting job covers its requests")
+            case _:
+                return Dropped(job_id, f"attempt {attempt.attempt} was fenced out before its failure was recorded")
+
+    def _infra_retry(
+        self, job_id: int, resume_attempt: int | None, infra_failures: int, exc: Exception
+    ) -> RetryLater:
+        delay = self._policy.infra_retry.delay(infra_failures + 1, rand=self._rand)
+        log.warning("job %s: database unavailable (%s); retrying in %.1fs, attempt not counted",
+                    job_id, exc, delay)
+        return RetryLater(job_id, delay, counted=False, resume_attempt=resume_attempt, reason=str(exc),
+                          infrastructure=True)
