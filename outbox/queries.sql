@@ -39,11 +39,15 @@ SELECT extract(epoch FROM min(next_run_at) - now())::float8 AS seconds
  WHERE status = 'pending' AND next_run_at > now()
 
 -- name: mark_published
--- After the broker confirmed them. A job a worker already started is left alone.
+-- After the broker confirmed them. Every confirmed publication counts, even of a job a worker
+-- started (or finished) before this mark: the message did reach the broker. Only a pending job
+-- changes its status; a started one keeps its state and its updated_at.
 UPDATE outbox_job
-   SET status = 'published', published_at = now(), publish_count = publish_count + 1,
-       claimed_until = NULL, updated_at = now()
- WHERE id = ANY(%(ids)s) AND status = 'pending'
+   SET status = CASE WHEN status = 'pending' THEN 'published'::outbox_job_status ELSE status END,
+       published_at = CASE WHEN status = 'pending' THEN now() ELSE coalesce(published_at, now()) END,
+       updated_at = CASE WHEN status = 'pending' THEN now() ELSE updated_at END,
+       publish_count = publish_count + 1, claimed_until = NULL
+ WHERE id = ANY(%(ids)s)
 
 -- name: release_claims
 -- Rows the broker refused (due or rescued) go back to the relays at once instead of waiting

@@ -206,3 +206,44 @@ def test_flower_lists_the_running_worker_and_the_finished_recalculation_under_it
     restarted = Flower(env)
     flowers.append(restarted)
     assert finished(restarted.url()), "the task history survives a restart (DATA_DIR/flower-state)"
+
+
+def test_a_dead_job_is_a_failure_in_flower_with_its_reason_and_its_requeued_run_is_a_task_of_its_own(
+    system: System, database_url: str, tmp_path: Path, flowers: list[Flower]
+) -> None:
+    """Postgres is the truth, and Flower must not contradict it: a job that ended DEAD shows as
+    FAILURE (not SUCCESS), and a requeued job's next run keeps the first run's record."""
+    flower = Flower(flower_env(system.env, tmp_path / "var"))
+    flowers.append(flower)
+    url = flower.url()
+    worker = system.start_worker()
+    worker_name = f"{worker.name}@{socket.gethostname()}"
+    wait_until(lambda: get(f"{url}/api/workers", params={"status": "true"}, auth=AUTH).json().get(worker_name)
+               is True, 30, f"Flower to receive {worker_name}'s events", interval=0.25)
+    system.start_relay()
+
+    def task_state(task_id: str) -> dict[str, Any]:
+        return get(f"{url}/api/tasks", params={"taskname": RECALCULATE_TASK}, auth=AUTH).json().get(task_id, {})
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # A property that does not exist: a named permanent error, DEAD after one attempt.
+        [job_id] = conn.execute(
+            "SELECT outbox_enqueue(%s, 'property:999999', '{\"property_id\": 999999}', 'flower-dead', "
+            "'manual_recalculation', 'admin', 'ops')", [RECALCULATE_TASK]).fetchone()
+        system.wait_idle()
+        first_run, status, last_error = conn.execute(
+            "SELECT celery_task_id::text, status::text, last_error FROM outbox_job WHERE id = %s", [job_id]).fetchone()
+        assert (status, last_error) == ("dead", "property 999999 does not exist")
+
+        wait_until(lambda: task_state(first_run).get("state") == "FAILURE", 30,
+                   "the DEAD job as FAILURE in /api/tasks", interval=0.25)
+        assert "property 999999 does not exist" in task_state(first_run)["exception"]
+
+        conn.execute("SELECT outbox_requeue(%s)", [job_id])
+        system.wait_idle()
+        second_run = conn.execute("SELECT celery_task_id::text FROM outbox_job WHERE id = %s", [job_id]).fetchone()[0]
+
+    assert second_run != first_run, "a requeued job runs under a new task id"
+    wait_until(lambda: task_state(second_run).get("state") == "FAILURE", 30,
+               "the requeued run as a task of its own in /api/tasks", interval=0.25)
+    assert task_state(first_run).get("state") == "FAILURE", "the first run's record is kept"

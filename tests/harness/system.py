@@ -105,11 +105,14 @@ class System:
         self.processes.append(proc)
         return proc
 
-    def start_worker(self, concurrency: int = 2, env: dict[str, str] | None = None, pool: str = "prefork") -> Process:
+    def start_worker(self, concurrency: int = 2, env: dict[str, str] | None = None, pool: str = "prefork",
+                     app: str = "recalq.celery_app", queue: str | None = None) -> Process:
+        """A real `celery worker` of `app` (the composition root's entry module unless a test
+        brings its own) consuming `queue` (the system's default queue unless told otherwise)."""
         name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}"
         proc = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker", "-E", "-Q", self.queue,
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-E", "-Q", queue or self.queue,
              "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", "--without-mingle",
              "--without-gossip", "-l", "INFO"],
             ready_marker=" ready.",

@@ -22,6 +22,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import outbox
+from outbox import lifecycle
 from outbox.backoff import RetryPolicy
 from services.documents import verify_document
 from services.recalc_requests import request_manual_recalculation
@@ -548,6 +549,107 @@ def test_a_lock_timeout_is_retried_with_growing_backoff_and_the_fifth_failure_is
     assert snapshots(db, property_id) == []
     assert prop(db, property_id)["compliance_score_pending"] is True, "a DEAD job leaves the property pending"
     assert_invariants(db)
+
+
+class Fails:
+    """A probe that raises a plain exception at a point, the first `times` times it is reached:
+    a bug or unforeseen data inside the attempt, not an error the runner knows by name."""
+
+    def __init__(self, point: str, times: int) -> None:
+        self.point, self.left = point, times
+
+    def __call__(self, reached: str) -> None:
+        if reached == self.point and self.left > 0:
+            self.left -= 1
+            raise RuntimeError(f"boom {self.left}")
+
+
+def test_a_plain_exception_is_a_counted_attempt_retried_with_backoff_and_the_fifth_is_dead_and_audited(
+    db: psycopg.Connection, make_recalculator: MakeRecalculator
+) -> None:
+    property_id, job_id = new_property(db)
+    recalculator = make_recalculator(probe=Fails("recalculation.after_read_state", times=5))
+    delays = []
+    for attempt in range(1, 5):
+        outcome = recalculator.run(job_id)
+        assert isinstance(outcome, RetryLater), outcome
+        assert (outcome.counted, outcome.infrastructure) == (True, False)
+        assert outcome.reason == f"RuntimeError: boom {5 - attempt}"
+        delays.append(outcome.delay_seconds)
+        j = job(db, job_id)
+        assert (j["status"], j["attempts"], j["last_error"]) == ("retrying", attempt, outcome.reason)
+        db.execute("UPDATE outbox_job SET next_run_at = now() WHERE id = %s", [job_id])
+
+    outcome = recalculator.run(job_id)
+
+    assert delays == [10, 20, 40, 80], "capped exponential backoff, as for any counted failure"
+    assert outcome == Dead(job_id, "RuntimeError: boom 0")
+    j = job(db, job_id)
+    assert (j["status"], j["attempts"], j["last_error"]) == ("dead", 5, "RuntimeError: boom 0")
+    [failed] = audits(db, "COMPLIANCE_RECALC_FAILED")
+    assert (failed["job_id"], failed["property_id"], failed["details"]) == (
+        job_id, property_id, {"error": "RuntimeError: boom 0", "attempts": 5})
+    assert snapshots(db, property_id) == [], "no failed attempt left an effect behind"
+    assert_invariants(db)
+
+
+def test_every_attempt_keeps_its_own_row_with_its_error_so_three_failures_and_a_success_are_four_rows(
+    db: psycopg.Connection, make_recalculator: MakeRecalculator
+) -> None:
+    _property_id, job_id = new_property(db)
+    recalculator = make_recalculator(probe=Fails("recalculation.after_read_state", times=3))
+    celery_task_id = job(db, job_id)["celery_task_id"]
+    for _ in range(3):
+        assert isinstance(recalculator.run(job_id, worker="w1@host"), RetryLater)
+        db.execute("UPDATE outbox_job SET next_run_at = now() WHERE id = %s", [job_id])
+    assert isinstance(recalculator.run(job_id, worker="w2@host"), Applied)
+
+    attempts = rows(db, "SELECT run, attempt, outcome::text AS outcome, error, worker, celery_task_id, "
+                        "started_at <= finished_at AS ordered FROM outbox_attempt WHERE job_id = %s "
+                        "ORDER BY attempt", job_id)
+    assert [(a["run"], a["attempt"], a["outcome"], a["error"], a["worker"], a["ordered"]) for a in attempts] == [
+        (0, 1, "failed", "RuntimeError: boom 2", "w1@host", True),
+        (0, 2, "failed", "RuntimeError: boom 1", "w1@host", True),
+        (0, 3, "failed", "RuntimeError: boom 0", "w1@host", True),
+        (0, 4, "succeeded", None, "w2@host", True),
+    ]
+    assert {a["celery_task_id"] for a in attempts} == {celery_task_id}
+    assert job(db, job_id)["last_error"] == "RuntimeError: boom 0", "the job keeps only the last error"
+
+
+def test_a_requeued_job_runs_under_a_new_celery_task_id_and_its_attempts_are_a_second_run(
+    db: psycopg.Connection, make_recalculator: MakeRecalculator
+) -> None:
+    _property_id, job_id = new_property(db)
+    db.execute("UPDATE outbox_job SET max_attempts = 1 WHERE id = %s", [job_id])
+    first_task_id = job(db, job_id)["celery_task_id"]
+    assert isinstance(make_recalculator(probe=Fails("recalculation.after_read_state", times=1)).run(job_id), Dead)
+
+    with db.transaction():
+        assert lifecycle.requeue(db, job_id) == job_id
+    second_task_id = job(db, job_id)["celery_task_id"]
+    assert isinstance(make_recalculator().run(job_id), Applied)
+
+    attempts = rows(db, "SELECT run, attempt, outcome::text AS outcome, celery_task_id FROM outbox_attempt "
+                        "WHERE job_id = %s ORDER BY run, attempt", job_id)
+    assert second_task_id != first_task_id
+    assert [(a["run"], a["attempt"], a["outcome"], a["celery_task_id"]) for a in attempts] == [
+        (0, 1, "failed", first_task_id), (1, 1, "succeeded", second_task_id)]
+
+
+def test_a_lost_attempt_taken_over_is_recorded_as_lost_beside_the_takeover(
+    db: psycopg.Connection, make_recalculator: MakeRecalculator
+) -> None:
+    _property_id, job_id = new_property(db)
+    with db.transaction():
+        started = lifecycle.start(db, job_id, redelivered=False, lease_seconds=30, worker="gone@host")
+    assert started.attempt == 1
+    assert isinstance(make_recalculator().run(job_id, redelivered=True, worker="w2@host"), Applied)
+
+    attempts = rows(db, "SELECT attempt, outcome::text AS outcome, error, worker FROM outbox_attempt "
+                        "WHERE job_id = %s ORDER BY attempt", job_id)
+    assert [(a["attempt"], a["outcome"], a["error"], a["worker"]) for a in attempts] == [
+        (1, "lost", "worker died or lease expired", "gone@host"), (2, "succeeded", None, "w2@host")]
 
 
 def test_a_poison_job_goes_dead_at_once_with_its_reason_and_the_other_jobs_still_apply(

@@ -467,3 +467,39 @@ def test_the_running_relay_wakes_on_notify_and_survives_its_connections_being_ki
 
     counts = Counter(recorder.job_ids())
     assert counts == {sentinel: 1, woken: 1, after_kill: 1, woken_again: 1}
+
+
+def test_a_job_a_worker_started_before_the_relay_marked_it_still_counts_its_publication(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    """The broker confirmed the message, then a fast worker started the job before the relay's
+    mark: the publication happened, so it counts, and the job keeps the state the worker gave it."""
+    job_id = enqueue_job(db)
+
+    def publish_and_start(messages: Sequence[OutboxMessage]) -> None:
+        with psycopg.connect(database_url, autocommit=True) as worker, worker.transaction():
+            started = lifecycle.start(worker, messages[0].job_id, redelivered=False, lease_seconds=30)
+        assert started.outcome is lifecycle.StartOutcome.STARTED
+
+    with make_relay(database_url, publish_and_start)._connect() as conn:
+        make_relay(database_url, publish_and_start).run_pass(conn)
+
+    row = db.execute("SELECT status::text, publish_count, published_at IS NOT NULL, claimed_until "
+                     "FROM outbox_job WHERE id = %s", [job_id]).fetchone()
+    assert row == ("running", 1, True, None)
+
+
+def test_a_claimed_job_carries_its_tasks_queue_and_time_limits_to_the_publisher(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    db.execute("UPDATE outbox_task SET queue = 'long-jobs', time_limit_seconds = 400, "
+               "soft_time_limit_seconds = 300, lease_seconds = 500 WHERE name = %s", [TASK])
+    job_id = enqueue_job(db)
+    recorder = Recorder()
+    relay = make_relay(database_url, recorder)
+    with relay._connect() as conn:
+        relay.run_pass(conn)
+
+    [message] = recorder.messages
+    assert (message.job_id, message.queue, message.time_limit, message.soft_time_limit) == (
+        job_id, "long-jobs", 400.0, 300.0)
