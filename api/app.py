@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from api import metrics, problems
 from api.body_limit import BodySizeLimit
-from api.routes import admin, client
+from api.routes import admin, admin_jobs, client
 from api.security import AdminKeys
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(client.router)
     app.include_router(admin.router)
+    app.include_router(admin_jobs.router)
     app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"], response_model=Health)

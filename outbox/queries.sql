@@ -193,3 +193,21 @@ SELECT id AS job_id FROM outbox_job WHERE celery_task_id = %(celery_task_id)s
 SELECT 1 FROM outbox_job
  WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s
    FOR UPDATE
+
+-- name: attempts_of_job
+-- Every attempt of one job, every run (a requeue starts run n+1), oldest first.
+SELECT a.job_id, a.run, a.attempt, a.outcome::text AS outcome, a.error, a.worker,
+       a.celery_task_id::text AS celery_task_id, a.started_at, a.finished_at
+  FROM outbox_attempt a
+ WHERE a.job_id = %(job_id)s
+ ORDER BY a.run, a.attempt
+ LIMIT %(limit)s
+
+-- name: failed_attempts_since
+-- Attempts that failed or were lost in the window, per task and outcome (ix_outbox_attempt_failed_at).
+SELECT j.task, a.outcome::text AS outcome, count(*) AS attempts
+  FROM outbox_attempt a
+  JOIN outbox_job j ON j.id = a.job_id
+ WHERE a.outcome IN ('failed', 'lost') AND a.finished_at > now() - make_interval(secs => %(seconds)s)
+ GROUP BY j.task, a.outcome
+ ORDER BY j.task, a.outcome

@@ -14,6 +14,7 @@
 Operating it (need DATABASE_URL only):
     recalq status     the queue per task and status, relay lag, throughput
     recalq jobs       jobs newest first, filtered by status, key or task
+    recalq job ID     one job and every attempt it made, with each attempt's error
     recalq requeue    run DEAD jobs again once their cause is fixed (audited)
     recalq drain      wait until nothing is pending, published, running or retrying
 
@@ -79,6 +80,16 @@ examples:
   recalq jobs --key property:42             # one property's recent jobs
   recalq jobs --status retrying --limit 200
   recalq jobs --status dead --json | jq -r '.[].last_error'
+"""
+JOB_HELP = """\
+Shows one job (task, key, status, attempts, Celery task id, last error) and every attempt it
+made, in every run (a requeue starts the next run): outcome (succeeded, failed, lost when its
+worker died or its lease ran out), when, on which worker, and its error. --json gives it all
+unabridged. Reads the database only (DATABASE_URL).
+
+examples:
+  recalq job 1234
+  recalq job 1234 --json | jq -r '.attempts_history[].error'
 """
 REQUEUE_HELP = """\
 Gives DEAD jobs a fresh set of attempts (RECALQ_MAX_ATTEMPTS), after their cause is fixed: one
@@ -205,6 +216,10 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     jobs.add_argument("--before-id", type=_bounded_int(1, MAX_ID), metavar="ID",
                       help="only jobs older than this id (the next page)")
     jobs.add_argument("--json", action="store_true", help="print the jobs as JSON, with every column")
+
+    job = command("job", "one job and every attempt it made, with each attempt's error", JOB_HELP)
+    job.add_argument("job_id", type=_bounded_int(1, MAX_ID), metavar="JOB_ID", help="the job's id")
+    job.add_argument("--json", action="store_true", help="print the job and its attempts as JSON")
 
     requeue = command("requeue", "run DEAD jobs again: one, all of a key, or all", REQUEUE_HELP)
     which = requeue.add_mutually_exclusive_group(required=True)

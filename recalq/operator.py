@@ -1,4 +1,4 @@
-"""The operator's commands: `recalq status`, `jobs`, `requeue` and `drain`.
+"""The operator's commands: `recalq status`, `jobs`, `job`, `requeue` and `drain`.
 
 They read and repair the queue through the same service functions as the admin API
 (services.admin_views, outbox.lifecycle, services.audit), so a CLI requeue and an API requeue
@@ -31,6 +31,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from outbox import JobStatus, lifecycle
+from outbox.history import attempts_of_job
 from recalq.settings import Settings
 from services import admin_views, audit
 from services.vocabulary import Actor, AuditAction
@@ -228,6 +229,39 @@ def jobs(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int
     return 0
 
 
+# -- job -------------------------------------------------------------------------------------
+
+
+def job(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int:
+    """One job and every attempt it made (outbox_attempt), each with its own error."""
+    with conn.transaction():
+        found = admin_views.job(conn, args.job_id)
+        if found is None:
+            raise CommandFailed(f"job {args.job_id} does not exist")
+        attempts = attempts_of_job(conn, args.job_id)
+    if args.json:
+        json.dump({**asdict(found), "attempts_history": [asdict(a) for a in attempts]}, out, indent=2,
+                  default=_json_default)
+        out.write("\n")
+        return 0
+    out.write(f"job {found.job_id}  {found.task}  key {found.coalescing_key}\n"
+              f"status {found.status}, attempt {found.attempts} of {found.max_attempts}"
+              f"{f', requeued {found.requeue_count}x' if found.requeue_count else ''}; "
+              f"celery task id {found.celery_task_id}\n")
+    if found.last_error:
+        out.write(f"last error: {found.last_error}\n")
+    if not attempts:
+        out.write("\nno attempt yet\n")
+        return 0
+    out.write("\n")
+    header = ("RUN", "ATTEMPT", "OUTCOME", "STARTED (UTC)", "FINISHED (UTC)", "WORKER", "ERROR")
+    table = [[str(a.run), str(a.attempt), a.outcome or "running", _utc(a.started_at),
+              _utc(a.finished_at) if a.finished_at else "-", a.worker or "-", _one_line(a.error, LAST_ERROR_WIDTH)]
+             for a in attempts]
+    _print_table(out, header, table, right_aligned={0, 1})
+    return 0
+
+
 # -- requeue ---------------------------------------------------------------------------------
 
 
@@ -276,6 +310,13 @@ class NotDead(CommandFailed):
         self.status = status
 
 
+class KeyHeld(NotDead):
+    def __init__(self, job_id: int) -> None:
+        CommandFailed.__init__(self, f"job {job_id}'s key is held by another active job (its task runs one at a "
+                               "time); requeue it once that one has finished")
+        self.status = "dead, key held"
+
+
 def requeue_one(conn: psycopg.Connection, job_id: int, actor: Actor, correlation_id: str) -> Requeued:
     """Requeues one DEAD job with its audit row, in one transaction; the job's row lock keeps a
     concurrent requeue (API or CLI) from doing it twice."""
@@ -284,7 +325,8 @@ def requeue_one(conn: psycopg.Connection, job_id: int, actor: Actor, correlation
         if current != JobStatus.DEAD:
             raise NotDead(job_id, current)
         runs_as = lifecycle.requeue(conn, job_id)
-        assert runs_as is not None, "a dead job locked by this transaction is requeueable"
+        if runs_as is None:
+            raise KeyHeld(job_id)
         audit.record(conn, AuditAction.JOB_REQUEUED, actor, job_id=job_id, correlation_id=correlation_id,
                      details={"runs_as": runs_as})
     return Requeued(job_id, runs_as)

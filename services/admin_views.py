@@ -188,6 +188,12 @@ def jobs(
     return JobPage(page, page[-1].job_id if len(rows) > limit else None)
 
 
+def job(conn: psycopg.Connection, job_id: int) -> Job | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(QUERIES["admin_job"], {"job_id": job_id}).fetchone()
+    return Job(**row) if row is not None else None
+
+
 def job_status(conn: psycopg.Connection, job_id: int) -> str | None:
     row = conn.execute(QUERIES["admin_job_status"], {"job_id": job_id}).fetchone()
     return row[0] if row is not None else None

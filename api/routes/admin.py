@@ -32,7 +32,7 @@ from api.dependencies import (
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, UPLOAD_RESPONSES
 from api.schemas import BreakdownOut, DocumentOut, RecalculationRef, ScoreStatus, StrictModel
 from api.security import Admin
-from outbox import JobStatus, lifecycle
+from outbox import JobStatus
 from services import admin_views, audit, property_views
 from services.client_tokens import IssuedToken, issue_token, revoke_token, tokens_of_client
 from services.documents import (
@@ -42,7 +42,7 @@ from services.documents import (
     reject_document,
     verify_document,
 )
-from services.errors import ClientNotFound, DuplicateRequest, InvalidTransition, NotFound
+from services.errors import ClientNotFound, DuplicateRequest
 from services.properties import NewProperty, provision_client
 from services.recalc_requests import request_manual_recalculation
 from services.scoring import REQUIREMENTS, DocumentStatus
@@ -440,92 +440,3 @@ def recalc_status(property_id: PropertyId, _: Admin, conn: Conn) -> Any:
     """Whether a recalculation is pending, when the score was last calculated, and the latest
     jobs with their status, attempts, last error and who asked for them."""
     return admin_views.recalc_status(conn, property_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Queue and jobs
-# ---------------------------------------------------------------------------------------------
-
-
-class QueueStateOut(BaseModel):
-    task: str
-    status: JobStatus
-    jobs: int | None = Field(description="Jobs in this status now; null for done and superseded (history)")
-    oldest_age_s: float | None
-    relay_lag_s: float | None = Field(description="pending only: how long the oldest due job has waited")
-    finished_last_1m: int
-    finished_last_5m: int
-    per_second_5m: float
-
-
-class JobOut(BaseModel):
-    job_id: int
-    task: str
-    coalescing_key: str
-    status: JobStatus
-    attempts: int
-    max_attempts: int
-    last_error: str | None
-    next_run_at: datetime
-    created_at: datetime
-    updated_at: datetime
-    published_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    celery_task_id: str
-    requeue_count: int
-
-
-class JobPageOut(BaseModel):
-    jobs: list[JobOut]
-    next_before_id: int | None = Field(description="Pass as before_id for the next, older page; null on the last")
-
-
-class RequeuedOut(BaseModel):
-    job_id: int = Field(description="The job that will run: the dead job itself, or the key's job already "
-                        "waiting, which then covers the dead job's requests")
-    status: JobStatus
-
-
-@router.get("/queue", response_model=list[QueueStateOut])
-def queue(_: Admin, conn: Conn) -> Any:
-    """The outbox_queue_state view: per task and status, counts, ages, relay lag, throughput."""
-    return admin_views.queue_state(conn)
-
-
-@router.get("/jobs", response_model=JobPageOut)
-def list_jobs(
-    _: Admin,
-    conn: Conn,
-    status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
-    key: Annotated[str | None, Query(max_length=200, pattern=_NO_NUL,
-                                     description="Only this coalescing key, e.g. property:1")] = None,
-    task: Annotated[str | None, Query(max_length=200, pattern=_NO_NUL)] = None,
-    limit: Annotated[int, Query(ge=1, le=admin_views.MAX_PAGE_SIZE)] = 50,
-    before_id: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Only jobs older than this id")] = None,
-) -> Any:
-    """Jobs, newest first, keyset-paged with before_id."""
-    return admin_views.jobs(conn, status=status, key=key, task=task, limit=limit, before_id=before_id)
-
-
-@router.post("/jobs/{job_id}/requeue", response_model=RequeuedOut,
-             responses={**CONFLICT_RESPONSES, **replay_response(RequeuedOut)})
-def requeue(job_id: JobId, admin: Admin, conn: Conn, key: IdempotencyKey, response: Response) -> RequeuedOut:
-    """Gives a DEAD job a fresh set of attempts; 409 if the job is not dead."""
-    cid = correlation_id(admin.actor, key)
-    with conn.transaction():
-        current = admin_views.lock_job(conn, job_id)
-        if current is None:
-            raise NotFound(f"job {job_id} does not exist")
-        first = admin_views.audit_of_request(conn, AuditAction.JOB_REQUEUED, cid, job_id=job_id)
-        if first is None:
-            if current != JobStatus.DEAD:
-                raise InvalidTransition(f"job {job_id} is {current}; only a dead job can be requeued")
-            runs = lifecycle.requeue(conn, job_id)
-            assert runs is not None, "a dead job locked by this transaction is requeueable"
-            audit.record(conn, AuditAction.JOB_REQUEUED, admin.actor, job_id=job_id,
-                         correlation_id=cid, details={"runs_as": runs})
-        else:
-            runs = first["details"]["runs_as"]
-            mark_replayed(response)
-    return RequeuedOut(job_id=runs, status=admin_views.job_status(conn, runs))

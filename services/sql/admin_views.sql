@@ -61,6 +61,13 @@ SELECT j.id AS job_id, j.task, j.coalescing_key, j.status::text AS status, j.att
  ORDER BY j.id DESC
  LIMIT %(limit)s
 
+-- name: admin_job
+SELECT j.id AS job_id, j.task, j.coalescing_key, j.status::text AS status, j.attempts, j.max_attempts,
+       j.last_error, j.next_run_at, j.created_at, j.updated_at, j.published_at, j.started_at, j.finished_at,
+       j.celery_task_id::text AS celery_task_id, j.requeue_count
+  FROM outbox_job j
+ WHERE j.id = %(job_id)s
+
 -- name: admin_job_status
 SELECT status::text AS status FROM outbox_job WHERE id = %(job_id)s
 

@@ -154,6 +154,36 @@ def test_jobs_status_dead_lists_the_dead_job_with_its_attempts_and_error_and_not
     assert lines[-1] == "1 job, newest first"
 
 
+def test_job_shows_every_attempt_of_a_job_with_its_own_error_and_json_gives_them_in_full(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    [job_id] = jobs_of(db, provision(db, n_properties=1))
+    with db.transaction():
+        first = lifecycle.start(db, job_id, redelivered=False, lease_seconds=60, worker="w1@host")
+        lifecycle.fail(db, job_id, first.attempt, error="provider answered 503", retryable=True, retry_in_seconds=0)
+    db.execute("UPDATE outbox_job SET next_run_at = now() WHERE id = %s", [job_id])
+    kill_job(db, job_id, "property data is corrupt")
+
+    result = recalq("job", str(job_id), database_url=database_url)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"job {job_id}  compliance.recalculate_property")
+    assert lines[1].startswith("status dead, attempt 2 of 5")
+    assert lines[2] == "last error: property data is corrupt"
+    table = lines[lines.index("") + 1:]
+    assert table[0].split()[:3] == ["RUN", "ATTEMPT", "OUTCOME"]
+    assert [row.split()[:3] for row in table[1:]] == [["0", "1", "failed"], ["0", "2", "failed"]]
+    assert "provider answered 503" in table[1] and "w1@host" in table[1]
+    assert "property data is corrupt" in table[2]
+
+    as_json = json.loads(recalq("job", str(job_id), "--json", database_url=database_url).stdout)
+    assert [(a["attempt"], a["error"]) for a in as_json["attempts_history"]] == [
+        (1, "provider answered 503"), (2, "property data is corrupt")]
+    missing = recalq("job", "999999", database_url=database_url)
+    assert (missing.returncode, missing.stderr.strip()) == (1, "recalq job: job 999999 does not exist")
+
+
 def test_jobs_refuses_an_unknown_status_with_exit_2_naming_the_valid_ones() -> None:
     result = recalq("jobs", "--status", "zombie", database_url="postgresql://unused@127.0.0.1/unused")
 

@@ -257,6 +257,7 @@ ADMIN_CALLS: list[tuple[str, str]] = [
     ("GET", "/api/admin/properties/1/compliance-recalc-status"),
     ("GET", "/api/admin/queue"),
     ("GET", "/api/admin/jobs"),
+    ("GET", "/api/admin/jobs/1"),
     ("POST", "/api/admin/jobs/1/requeue"),
 ]
 
@@ -509,6 +510,31 @@ def test_a_dead_job_requeued_through_the_api_is_pending_again_with_fresh_attempt
     assert len(audit) == 1 and audit[0]["actor_type"] == "admin"
     status = api.get(f"/api/admin/properties/{property_id}/compliance-recalc-status", headers=ADMIN_HEADERS).json()
     assert (status["pending"], status["status"], status["jobs"][0]["status"]) == (True, "updating", "pending")
+
+
+def test_a_job_read_by_id_lists_every_attempt_of_every_run_with_its_error_worker_and_task_id(
+    api: TestClient, db: psycopg.Connection, database_url: str
+) -> None:
+    _, job_id = make_dead_job(database_url)
+    first_task_id = db.execute("SELECT celery_task_id::text AS t FROM outbox_job WHERE id = %s",
+                               [job_id]).fetchone()["t"]
+    assert api.post(f"/api/admin/jobs/{job_id}/requeue", headers=ADMIN_HEADERS).status_code == 200
+    with psycopg.connect(database_url, autocommit=True) as worker:
+        started = lifecycle.start(worker, job_id, redelivered=False, lease_seconds=60, worker="w9@host")
+        lifecycle.fail(worker, job_id, started.attempt, error="second run failed too", retryable=False,
+                       retry_in_seconds=0)
+
+    response = api.get(f"/api/admin/jobs/{job_id}", headers=ADMIN_HEADERS)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["job_id"], body["status"], body["requeue_count"], body["last_error"]) == (
+        job_id, "dead", 1, "second run failed too")
+    history = [(a["run"], a["attempt"], a["outcome"], a["error"], a["worker"]) for a in body["attempts_history"]]
+    assert history == [(0, 1, "failed", "boom: bad data", None), (1, 1, "failed", "second run failed too", "w9@host")]
+    assert body["attempts_history"][0]["celery_task_id"] == first_task_id
+    assert body["attempts_history"][1]["celery_task_id"] == body["celery_task_id"] != first_task_id
+    assert api.get("/api/admin/jobs/999999", headers=ADMIN_HEADERS).status_code == 404
 
 
 def test_requeue_of_a_job_that_is_not_dead_is_a_409_naming_its_status_and_of_an_unknown_job_a_404(
