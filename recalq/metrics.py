@@ -10,6 +10,8 @@ and nothing else, instead of failing: "down" is itself the thing to alert on.
     recalq_relay_lag_seconds{task}                how long the oldest due pending job has waited
     recalq_oldest_job_age_seconds{task,status}    age of the oldest job in that status (0: none)
     recalq_finished_per_second{task,status}       done, dead, superseded per second over 5 minutes
+    recalq_failed_attempts_5m{task,outcome}       attempts that failed or were lost in the last 5 minutes
+                                                  (outbox_attempt: every error, not only a job's last)
     recalq_drift_detected_24h                     COMPLIANCE_SCORE_DRIFT_DETECTED audits, last 24 h
 """
 
@@ -28,6 +30,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from outbox.db_errors import is_infrastructure_error, is_transient_error
+from outbox.history import FailedAttempts, failed_attempts_since
 from services.queries import QUERIES
 from services.vocabulary import AuditAction
 
@@ -38,6 +41,9 @@ LIVE_STATUSES = ("pending", "published", "running", "retrying", "dead")
 #: Statuses a job finishes in.
 FINISHED_STATUSES = ("done", "dead", "superseded")
 DRIFT_WINDOW_SECONDS = 24 * 3600
+FAILED_ATTEMPTS_WINDOW_SECONDS = 300
+#: Attempt outcomes counted as failures; each task reports both, 0 when none happened.
+FAILED_OUTCOMES = ("failed", "lost")
 #: Prometheus' default scrape timeout is 10 s; a scrape gives up well before.
 DEFAULT_SCRAPE_TIMEOUT_SECONDS = 2.0
 
@@ -58,6 +64,7 @@ class QueueRow:
 class Snapshot:
     rows: list[QueueRow]
     drift_detected_24h: int
+    failed_attempts: list[FailedAttempts]
 
 
 class QueueCollector(Collector):
@@ -80,7 +87,7 @@ class QueueCollector(Collector):
             log.warning("metrics: the database did not answer the scrape: %s", exc)
             yield GaugeMetricFamily("recalq_up", _UP_HELP, value=0)
             return
-        up, jobs, lag, age, rate, drift = _families()
+        up, jobs, lag, age, rate, drift, failed = _families()
         up.add_metric([], 1)
         for row in snapshot.rows:
             if row.status in LIVE_STATUSES:
@@ -91,7 +98,11 @@ class QueueCollector(Collector):
             if row.status in FINISHED_STATUSES:
                 rate.add_metric([row.task, row.status], row.finished_per_second)
         drift.add_metric([], snapshot.drift_detected_24h)
-        yield from (up, jobs, lag, age, rate, drift)
+        counted = {(f.task, f.outcome): f.attempts for f in snapshot.failed_attempts}
+        for task in sorted({row.task for row in snapshot.rows} | {task for task, _ in counted}):
+            for outcome in FAILED_OUTCOMES:
+                failed.add_metric([task, outcome], counted.get((task, outcome), 0))
+        yield from (up, jobs, lag, age, rate, drift, failed)
 
     def _snapshot(self) -> Snapshot:
         with self._connect() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
@@ -101,8 +112,9 @@ class QueueCollector(Collector):
                 QUERIES["metrics_audit_actions_since"],
                 {"action": str(AuditAction.COMPLIANCE_SCORE_DRIFT_DETECTED), "seconds": DRIFT_WINDOW_SECONDS},
             ).fetchone()
+            failed = failed_attempts_since(conn, seconds=FAILED_ATTEMPTS_WINDOW_SECONDS)
         assert drift is not None
-        return Snapshot(rows, drift["n"])
+        return Snapshot(rows, drift["n"], failed)
 
 
 _UP_HELP = "1 when the database answered this scrape, 0 when it was down or too slow (nothing else is reported)"
@@ -123,6 +135,9 @@ def _families() -> tuple[GaugeMetricFamily, ...]:
         GaugeMetricFamily("recalq_drift_detected_24h",
                           "Verification runs in the last 24 hours that found a stored score differing from "
                           "the recomputed one (COMPLIANCE_SCORE_DRIFT_DETECTED)"),
+        GaugeMetricFamily("recalq_failed_attempts_5m",
+                          "Attempts that failed (an error) or were lost (worker died, lease ran out) in the last "
+                          "5 minutes, whether or not their job was retried", labels=["task", "outcome"]),
     )
 
 

@@ -91,6 +91,29 @@ def test_the_exposition_reports_the_queue_state_view_and_the_drift_audits_of_the
     assert "/metrics" not in api.get("/openapi.json").json()["paths"]
 
 
+def test_failed_and_lost_attempts_of_the_last_five_minutes_are_counted_per_task_even_when_their_job_retried(
+    api: TestClient, conn: psycopg.Connection
+) -> None:
+    first, second = provision(conn, n_properties=2)
+    [retried, lost] = [conn.execute("SELECT id FROM outbox_job WHERE coalescing_key = %s",
+                                    [f"property:{p}"]).fetchone()[0] for p in (first, second)]
+    for _ in range(2):  # two failed attempts; the job is retrying, not dead
+        start = lifecycle.start(conn, retried, redelivered=False, lease_seconds=60)
+        lifecycle.fail(conn, retried, start.attempt, error="provider 503", retryable=True, retry_in_seconds=0)
+    lifecycle.start(conn, lost, redelivered=False, lease_seconds=60)
+    lifecycle.start(conn, lost, redelivered=True, lease_seconds=60)  # its message came back: the holder is gone
+    conn.execute("UPDATE outbox_attempt SET finished_at = now() - interval '6 minutes' "
+                 "WHERE job_id = %s AND attempt = 1", [retried])
+    conn.commit()
+
+    samples = scrape(api)
+
+    assert value(samples, "recalq_failed_attempts_5m", task=RECALCULATE_TASK, outcome="failed") == 1, (
+        "one failure is older than the window")
+    assert value(samples, "recalq_failed_attempts_5m", task=RECALCULATE_TASK, outcome="lost") == 1
+    assert value(samples, "recalq_jobs", task=RECALCULATE_TASK, status="dead") == 0
+
+
 def test_a_scrape_while_the_database_is_down_answers_recalq_up_0_and_recovers_when_it_is_back(
     database_url: str, tmp_path: Path
 ) -> None:
