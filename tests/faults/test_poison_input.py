@@ -120,6 +120,7 @@ def test_a_property_id_beyond_bigint_ends_dead_at_its_first_attempt_instead_of_c
     system = system_on_one_broker
     rescue_fast = {"RECALQ_RESCUE_AFTER_SECONDS": "1", "RECALQ_RESCUE_INTERVAL_SECONDS": "0.5"}
     short_lease = {"RECALQ_TASK_SOFT_TIME_LIMIT": "1", "RECALQ_TASK_TIME_LIMIT": "2", "RECALQ_JOB_LEASE_SECONDS": "3"}
+    system.apply_task_policy(short_lease)
     with psycopg.connect(database_url, autocommit=True) as db:
         huge = insert_job(db, RECALCULATE_TASK, "property:huge", {"property_id": 2**63})
         [good] = provision(db)

@@ -143,6 +143,7 @@ def test_a_postgres_outage_longer_than_the_job_lease_costs_no_attempt(
     the same attempt. When the outage outlasts the job lease, every interrupted job looks lost
     the moment the relay reconnects; its rescue must not count an attempt either."""
     gate = tmp_path / "let-go"
+    system.apply_task_policy(LONG_OUTAGE)
     with psycopg.connect(private_database_url) as producer:
         provision(producer, n_properties=N_PROPERTIES)
     _, relay = start_pipeline(

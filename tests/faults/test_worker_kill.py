@@ -53,6 +53,7 @@ def test_a_worker_child_killed_before_commit_is_run_again_and_applied_exactly_on
     system: System, database_url: str
 ) -> None:
     lease = lease_settings(system)
+    system.apply_task_policy(lease)
     property_id, job_id = property_with_one_job(database_url)
     faulty = system.start_worker(concurrency=1, env={**lease, "RECALQ_FAULT": "recalculation.before_commit=kill"})
     system.start_relay(env={**lease, **RESCUE_FAST})

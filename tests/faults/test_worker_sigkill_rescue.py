@@ -51,6 +51,7 @@ def test_a_whole_worker_killed_mid_recalculation_has_its_job_rescued_and_applied
     system: System, database_url: str, tmp_path: Path
 ) -> None:
     lease = lease_settings(system)
+    system.apply_task_policy(lease)
     property_id, job_id = property_with_one_job(database_url)
     gate = tmp_path / "never-opened"
     pause = f"recalculation.before_commit=wait:{gate}"

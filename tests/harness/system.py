@@ -83,11 +83,26 @@ class System:
         }
         self.env.pop("RECALQ_FAULT", None)
         self.processes: list[Process] = []
+        self.apply_task_policy()
+
+    def apply_task_policy(self, env: dict[str, str] | None = None) -> None:
+        """What a deploy's `recalq migrate` does with these settings: the recalculation task's
+        lease, time limits, attempts and minimum interval live in its outbox_task row, not in
+        each process. `env` adds a test's own knobs (a short lease, say) to the system's."""
+        from recalq import migrate
+        from recalq.settings import Settings
+
+        merged = {**self.env, **(env or {})}
+        knobs = {key.removeprefix("RECALQ_").lower(): value for key, value in merged.items()
+                 if key.startswith("RECALQ_") and key not in {"RECALQ_DATABASE_URL", "RECALQ_BROKER_URL",
+                                                                "RECALQ_FAULT"}}
+        migrate.apply_task_policy(Settings(database_url=self.database_url, broker_url=self.broker_url, **knobs))
 
     # -- processes ------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], ready_marker: str | None, env: dict[str, str]) -> Process:
+    def _spawn(self, name: str, argv: list[str], ready_marker: str | None, env: dict[str, str],
+               cwd: Path | None = None) -> Process:
         popen = subprocess.Popen(
-            argv, cwd=ROOT, env={**self.env, **env}, stdout=subprocess.PIPE,
+            argv, cwd=cwd or ROOT, env={**self.env, **env}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         proc = Process(name, popen)
@@ -106,9 +121,10 @@ class System:
         return proc
 
     def start_worker(self, concurrency: int = 2, env: dict[str, str] | None = None, pool: str = "prefork",
-                     app: str = "recalq.celery_app", queue: str | None = None) -> Process:
+                     app: str = "recalq.celery_app", queue: str | None = None, cwd: Path | None = None) -> Process:
         """A real `celery worker` of `app` (the composition root's entry module unless a test
-        brings its own) consuming `queue` (the system's default queue unless told otherwise)."""
+        brings its own) consuming `queue` (the system's default queue unless told otherwise), run
+        from `cwd` (this checkout unless a test runs an older release's code)."""
         name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}"
         proc = self._spawn(
             name,
@@ -117,17 +133,19 @@ class System:
              "--without-gossip", "-l", "INFO"],
             ready_marker=" ready.",
             env=env or {},
+            cwd=cwd,
         )
         if not proc.ready.wait(60) or proc.popen.poll() is not None:
             raise AssertionError(f"worker did not start:\n{proc.output()}")
         return proc
 
-    def start_relay(self, env: dict[str, str] | None = None) -> Process:
+    def start_relay(self, env: dict[str, str] | None = None, cwd: Path | None = None) -> Process:
         proc = self._spawn(
             f"relay{len(self.processes)}",
             [sys.executable, "-m", "recalq", "relay"],
             ready_marker="relay connected",
             env=env or {},
+            cwd=cwd,
         )
         if not proc.ready.wait(30):
             raise AssertionError(f"relay did not start:\n{proc.output()}")
