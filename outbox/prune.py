@@ -31,8 +31,9 @@ class PruneReport:
 
 
 def prune_finished(conn: psycopg.Connection, *, older_than: timedelta, batch_size: int = 5000) -> PruneReport:
-    """Deletes done and superseded jobs that finished more than `older_than` ago, with their
-    requests, `batch_size` jobs per transaction. `conn` must not be inside a transaction, or
+    """Deletes done and superseded jobs that finished more than `older_than` ago (or their task's
+    own `retention`, where it sets one), with their requests and attempts, `batch_size` jobs per
+    transaction. `conn` must not be inside a transaction, or
     the batches would all commit (or roll back) with the caller's."""
     if older_than <= timedelta(0):
         raise ValueError(f"older_than must be positive, got {older_than}")

@@ -136,16 +136,21 @@ SELECT id AS request_id, job_id
 
 -- name: prune_finished_jobs
 -- One batch of retention: done and superseded jobs that finished before the cutoff, with their
--- requests. DEAD jobs are never pruned (they wait for a requeue or an explicit purge). A job
+-- requests (and, by ON DELETE CASCADE, their attempts). DEAD jobs are never pruned (they wait for a requeue or an explicit purge). A job
 -- that a superseded job still names is kept until that one is pruned (the foreign key), so a
 -- chain goes over several batches; the caller loops until a batch deletes nothing. SKIP
 -- LOCKED: pruning never waits on, nor holds up, live work. Deleting a request ends its
 -- correlation id's protection against repeats, which is what the retention period means.
+-- A task's own retention (outbox_task.retention) replaces the default for its jobs; the
+-- shortest of them bounds the range read of ix_outbox_job_finished_at (an InitPlan, computed once).
 WITH batch AS (
     SELECT j.id
       FROM outbox_job j
+      JOIN outbox_task t ON t.name = j.task
      WHERE j.status IN ('done', 'superseded')
-       AND j.finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+       AND j.finished_at < now() - (SELECT min(coalesce(retention, make_interval(secs => %(older_than_seconds)s)))
+                                      FROM outbox_task)
+       AND j.finished_at < now() - coalesce(t.retention, make_interval(secs => %(older_than_seconds)s))
        AND NOT EXISTS (SELECT 1 FROM outbox_job s WHERE s.superseded_by = j.id)
      ORDER BY j.finished_at
      LIMIT %(limit)s

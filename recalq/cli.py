@@ -168,10 +168,14 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker", help="run a Celery worker",
-        description="Runs a Celery worker on RECALQ_QUEUE with RECALQ_WORKER_CONCURRENCY processes and "
-        "task events on (the same as `celery -A recalq.celery_app worker -E`). Arguments after `--` go to `celery "
-        "worker`, e.g. `recalq worker -- -n w1@%h`. Needs DATABASE_URL and BROKER_URL.",
+        description="Runs a Celery worker on RECALQ_QUEUE (or the --queue given) with RECALQ_WORKER_CONCURRENCY "
+        "processes and task events on (the same as `celery -A recalq.celery_app worker -E`). A job kind with a "
+        "queue of its own (outbox_task.queue) needs workers on that queue: `recalq worker --queue NAME`. "
+        "Arguments after `--` go to `celery worker`, e.g. `recalq worker -- -n w1@%h`. Needs DATABASE_URL and "
+        "BROKER_URL.",
     )
+    worker.add_argument("--queue", action="append", dest="queues", metavar="NAME",
+                        help="consume this queue instead of RECALQ_QUEUE (repeat for several)")
     worker.add_argument("extra", nargs=argparse.REMAINDER, help="extra `celery worker` arguments")
     worker.set_defaults(run=_worker)
 
@@ -325,7 +329,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     app = runtime().celery_app
     extra = [a for a in args.extra if a != "--"]
-    app.worker_main(["worker", "-E", "-Q", settings.queue, "--loglevel", args.log_level, *extra])
+    queues = ",".join(args.queues or [settings.queue])
+    app.worker_main(["worker", "-E", "-Q", queues, "--loglevel", args.log_level, *extra])
     return 0
 
 

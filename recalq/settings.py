@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     #: Celery queue the recalculations travel on.
     queue: str = "recalq"
 
-    #: Attempts before a job is DEAD (G5).
+    #: Attempts before a recalculation is DEAD (G5); applied to its task by `recalq migrate`.
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Retry delay after the first failed attempt; doubles per attempt up to retry_max_seconds.
     retry_base_seconds: float = Field(default=10.0, gt=0)
@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     #: Applied to the recalculation task by `recalq migrate`.
     recalc_min_interval_seconds: float = Field(default=0.0, ge=0, le=3600)
 
-    #: A running attempt's lease: after it, the job may be taken over. Above task_time_limit.
+    #: The recalculation's running attempt lease (after it, the job may be taken over; above
+    #: task_time_limit) and its Celery time limits. Applied to its outbox_task row by
+    #: `recalq migrate`; each message carries its task's limits, and the worker's task_time_limit
+    #: is only the fallback for a message without them.
     job_lease_seconds: float = Field(default=120.0, gt=0)
     task_soft_time_limit: float = Field(default=60.0, gt=0)
     task_time_limit: float = Field(default=90.0, gt=0)

@@ -86,17 +86,27 @@ class System:
         self.apply_task_policy()
 
     def apply_task_policy(self, env: dict[str, str] | None = None) -> None:
-        """What a deploy's `recalq migrate` does with these settings: the recalculation task's
-        lease, time limits, attempts and minimum interval live in its outbox_task row, not in
-        each process. `env` adds a test's own knobs (a short lease, say) to the system's."""
-        from recalq import migrate
+        """The recalculation's lease and time limits from these settings, written to its task row
+        as a deploy's `recalq migrate` writes them (processes read them there, not from their own
+        environment). `env` adds a test's own knobs (a short lease, say) to the system's. Attempts
+        and the minimum interval are left as the database has them."""
         from recalq.settings import Settings
+        from services.vocabulary import RECALCULATE_TASK
 
         merged = {**self.env, **(env or {})}
         knobs = {key.removeprefix("RECALQ_").lower(): value for key, value in merged.items()
-                 if key.startswith("RECALQ_") and key not in {"RECALQ_DATABASE_URL", "RECALQ_BROKER_URL",
-                                                                "RECALQ_FAULT"}}
-        migrate.apply_task_policy(Settings(database_url=self.database_url, broker_url=self.broker_url, **knobs))
+                 if key in {"RECALQ_JOB_LEASE_SECONDS", "RECALQ_TASK_TIME_LIMIT", "RECALQ_TASK_SOFT_TIME_LIMIT"}}
+        settings = Settings(database_url=self.database_url, broker_url=self.broker_url, **knobs)  # validates them
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'outbox_task' "
+                            "AND column_name = 'lease_seconds'").fetchone() is None:
+                return  # an older schema (an upgrade test): its processes read their own settings
+            conn.execute(
+                "UPDATE outbox_task SET lease_seconds = %s, time_limit_seconds = %s, soft_time_limit_seconds = %s "
+                "WHERE name = %s",
+                [settings.job_lease_seconds, settings.task_time_limit, settings.task_soft_time_limit,
+                 RECALCULATE_TASK],
+            )
 
     # -- processes ------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], ready_marker: str | None, env: dict[str, str],

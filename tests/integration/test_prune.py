@@ -115,6 +115,26 @@ def test_prune_removes_old_done_jobs_and_their_requests_and_keeps_dead_recent_an
     assert requests_of(conn, [recent_done, old_dead, unfinished]) == 3
 
 
+def test_a_task_with_its_own_retention_is_pruned_by_it_and_its_attempts_go_with_its_jobs(
+    conn: psycopg.Connection,
+) -> None:
+    conn.execute("INSERT INTO outbox_task (name, description, mode, retention) "
+                 "VALUES ('test.short_lived', 'kept one day', 'none', '1 day')")
+    conn.commit()
+    short = outbox.enqueue(conn, task="test.short_lived", coalescing_key="owner:1", payload={},
+                           correlation_id="c-1", trigger_reason="submitted", actor_type="client").job_id
+    conn.commit()
+    run(conn, short, succeed=True)
+    age_job(conn, short, timedelta(days=2))
+    default = finished_job(conn, age=timedelta(days=2))  # the default 14 days: kept
+
+    report = prune_finished(conn, older_than=RETENTION)
+
+    assert report == PruneReport(jobs=1, requests=1)
+    assert existing(conn, [short, default]) == {default}
+    assert conn.execute("SELECT count(*) FROM outbox_attempt WHERE job_id = %s", [short]).fetchone() == (0,)
+
+
 def test_prune_deletes_in_batches_of_the_given_size_one_transaction_each(database_url: str) -> None:
     with CountingConnection.connect(database_url) as conn:
         jobs = [finished_job(conn) for _ in range(7)]
