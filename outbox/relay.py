@@ -24,6 +24,7 @@ from uuid import UUID
 import psycopg
 
 from outbox.errors import PublishFailed
+from outbox.probes import Probe, no_probe
 from outbox.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,6 @@ class OutboxMessage:
 
 #: Publishes a batch; raises PublishFailed naming the job ids that did get through.
 Publish = Callable[[Sequence[OutboxMessage]], None]
-#: Called at named points of a pass; tests use it to pause or kill the relay there.
-Probe = Callable[[str], None]
-
-
-def no_probe(point: str) -> None:
-    """The production probe: does nothing."""
 
 
 @dataclass(frozen=True, slots=True)

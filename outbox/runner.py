@@ -36,17 +36,13 @@ from outbox.db_errors import translated_db_errors
 from outbox.errors import FencedOut, InfrastructureUnavailable, PermanentJobError, RetryableJobError
 from outbox.lifecycle import FailOutcome, StartOutcome
 from outbox.outcomes import Completed, Dead, Dropped, Outcome, RetryLater
+from outbox.probes import Probe, no_probe
 from outbox.queries import QUERIES
 from outbox.transactions import pipelined_transaction
 
 log = logging.getLogger(__name__)
 
 ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection]]
-Probe = Callable[[str], None]
-
-
-def no_probe(point: str) -> None:
-    """The production probe: does nothing."""
 
 
 @dataclass(frozen=True, slots=True)

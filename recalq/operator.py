@@ -24,14 +24,14 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TextIO
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from outbox import JobStatus, lifecycle
 from outbox.history import attempts_of_job
+from recalq.console_format import age, count, json_default, one_line, plural_s, print_table, utc
 from recalq.settings import Settings
 from services import admin_views, audit
 from services.vocabulary import Actor, AuditAction
@@ -165,16 +165,16 @@ def status(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> i
         return 0
     header = ("TASK", "STATUS", "JOBS", "OLDEST", "RELAY LAG", "FINISHED 1M", "FINISHED 5M", "RATE/S (5M)")
     table = [
-        (row.task, row.status, _count(row.jobs), _age(row.oldest_age_s), _age(row.relay_lag_s if row.jobs else None),
+        (row.task, row.status, count(row.jobs), age(row.oldest_age_s), age(row.relay_lag_s if row.jobs else None),
          str(row.finished_last_1m), str(row.finished_last_5m), f"{row.per_second_5m:.2f}")
         for row in rows
     ]
-    _print_table(out, header, table, right_aligned={2, 5, 6, 7})
+    print_table(out, header, table, right_aligned={2, 5, 6, 7})
     overall = totals(rows)
     out.write("\n" + summary(overall) + "\n")
     dead = overall.dead
     if dead:
-        out.write(f"{dead} dead job{_s(dead)} need{'' if dead != 1 else 's'} attention: "
+        out.write(f"{dead} dead job{plural_s(dead)} need{'' if dead != 1 else 's'} attention: "
                   "`recalq jobs --status dead` shows why; `recalq requeue` runs them again once fixed\n")
     return 0
 
@@ -187,7 +187,7 @@ def queue_state(conn: psycopg.Connection) -> list[admin_views.QueueState]:
 
 def summary(t: Totals) -> str:
     counts = ", ".join(f"{t.by_status.get(s, 0)} {s}" for s in (*ACTIVE, JobStatus.DEAD))
-    lag = f"relay lag {_age(t.relay_lag_s)}" if t.relay_lag_s is not None else "no job waits for a relay"
+    lag = f"relay lag {age(t.relay_lag_s)}" if t.relay_lag_s is not None else "no job waits for a relay"
     return (f"{counts}; {lag}; {t.finished_last_5m} finished in the last 5 min "
             f"({t.finished_last_5m / 300:.2f}/s), {t.finished_last_1m} in the last minute")
 
@@ -203,7 +203,7 @@ def jobs(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int
     page = admin_views.jobs(conn, status=args.status, key=args.key, task=args.task, limit=args.limit,
                             before_id=args.before_id)
     if args.json:
-        json.dump([asdict(job) for job in page.jobs], out, indent=2, default=_json_default)
+        json.dump([asdict(job) for job in page.jobs], out, indent=2, default=json_default)
         out.write("\n")
         return 0
     if not page.jobs:
@@ -212,7 +212,7 @@ def jobs(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int
     header = ("ID", "TASK", "KEY", "STATUS", "ATTEMPTS", "NEXT RUN (UTC)", "LAST ERROR")
     table = [
         [str(job.job_id), job.task, job.coalescing_key, job.status, f"{job.attempts}/{job.max_attempts}",
-         _utc(job.next_run_at) if job.status in ACTIVE else "-"]
+         utc(job.next_run_at) if job.status in ACTIVE else "-"]
         for job in page.jobs
     ]
     width = LAST_ERROR_WIDTH
@@ -220,9 +220,9 @@ def jobs(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int
         used = sum(max(len(cell) for cell in column) + 2 for column in zip(header[:-1], *table, strict=True))
         width = max(MIN_LAST_ERROR_WIDTH, shutil.get_terminal_size().columns - used)
     for row, job in zip(table, page.jobs, strict=True):
-        row.append(_one_line(job.last_error, width))
-    _print_table(out, header, table, right_aligned={0, 4})
-    shown = f"{len(page.jobs)} job{_s(len(page.jobs))}, newest first"
+        row.append(one_line(job.last_error, width))
+    print_table(out, header, table, right_aligned={0, 4})
+    shown = f"{len(page.jobs)} job{plural_s(len(page.jobs))}, newest first"
     if page.next_before_id is not None:
         shown += f"; older ones: add --before-id {page.next_before_id}"
     out.write(f"\n{shown}\n")
@@ -241,7 +241,7 @@ def job(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int:
         attempts = attempts_of_job(conn, args.job_id)
     if args.json:
         json.dump({**asdict(found), "attempts_history": [asdict(a) for a in attempts]}, out, indent=2,
-                  default=_json_default)
+                  default=json_default)
         out.write("\n")
         return 0
     out.write(f"job {found.job_id}  {found.task}  key {found.coalescing_key}\n"
@@ -255,10 +255,10 @@ def job(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     out.write("\n")
     header = ("RUN", "ATTEMPT", "OUTCOME", "STARTED (UTC)", "FINISHED (UTC)", "WORKER", "ERROR")
-    table = [[str(a.run), str(a.attempt), a.outcome or "running", _utc(a.started_at),
-              _utc(a.finished_at) if a.finished_at else "-", a.worker or "-", _one_line(a.error, LAST_ERROR_WIDTH)]
+    table = [[str(a.run), str(a.attempt), a.outcome or "running", utc(a.started_at),
+              utc(a.finished_at) if a.finished_at else "-", a.worker or "-", one_line(a.error, LAST_ERROR_WIDTH)]
              for a in attempts]
-    _print_table(out, header, table, right_aligned={0, 1})
+    print_table(out, header, table, right_aligned={0, 1})
     return 0
 
 
@@ -286,7 +286,7 @@ def requeue(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> 
         out.write(f"no dead jobs {scope}; nothing requeued\n")
         return 0
     if args.all and not args.yes and not _confirmed(
-        f"Requeue {len(candidates)} dead job{_s(len(candidates))} ({_ids(candidates)})? [y/N] ", out
+        f"Requeue {len(candidates)} dead job{plural_s(len(candidates))} ({_ids(candidates)})? [y/N] ", out
     ):
         raise CommandFailed("not confirmed; nothing requeued (pass --yes to skip the question)")
     requeued: list[Requeued] = []
@@ -364,7 +364,8 @@ def _confirmed(question: str, out: TextIO) -> bool:
 def _requeued_report(requeued: Sequence[Requeued], skipped: Sequence[tuple[int, str]]) -> str:
     lines = []
     if requeued:
-        lines.append(f"requeued {len(requeued)} dead job{_s(len(requeued))}: {_ids([r.job_id for r in requeued])}")
+        ids = _ids([r.job_id for r in requeued])
+        lines.append(f"requeued {len(requeued)} dead job{plural_s(len(requeued))}: {ids}")
         joined = [r for r in requeued if r.runs_as != r.job_id]
         if joined:
             lines.append("covered by a job already waiting for its key: "
@@ -407,7 +408,7 @@ def drain(conn: psycopg.Connection, args: argparse.Namespace, out: TextIO) -> in
             out.flush()
     out.write(f"drained in {time.monotonic() - started:.1f} s: nothing pending, published, running or retrying\n")
     if current.dead:
-        out.write(f"{current.dead} dead job{_s(current.dead)} did not block the drain: "
+        out.write(f"{current.dead} dead job{plural_s(current.dead)} did not block the drain: "
                   "`recalq jobs --status dead` shows them\n")
     return 0
 
@@ -416,7 +417,7 @@ def progress(now: Totals, first: Totals, elapsed: float) -> str:
     remaining = ", ".join(f"{now.by_status.get(s, 0)} {s}" for s in ACTIVE if now.by_status.get(s, 0))
     rate = (first.active - now.active) / elapsed if elapsed > 0 else 0.0
     if rate > 0:
-        trend = f"backlog shrinking {rate:.1f}/s, about {_age(now.active / rate)} to go"
+        trend = f"backlog shrinking {rate:.1f}/s, about {age(now.active / rate)} to go"
     elif rate < 0:
         trend = f"backlog growing {-rate:.1f}/s"
     else:
@@ -428,64 +429,13 @@ def left(t: Totals) -> str:
     parts = [f"{t.by_status.get(s, 0)} {s}" for s in ACTIVE if t.by_status.get(s, 0)]
     text = ", ".join(parts) + " left"
     if t.oldest_active_s is not None:
-        text += f" (oldest {_age(t.oldest_active_s)}"
-        text += f", relay lag {_age(t.relay_lag_s)})" if t.relay_lag_s is not None else ")"
+        text += f" (oldest {age(t.oldest_active_s)}"
+        text += f", relay lag {age(t.relay_lag_s)})" if t.relay_lag_s is not None else ")"
     if t.dead:
         text += f"; {t.dead} dead"
     return text + "; `recalq status` and `recalq jobs` show them"
 
 
-# -- formatting ------------------------------------------------------------------------------
-
-
-def _print_table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: set[int]) -> None:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in (header, *rows):
-        cells = [cell.rjust(w) if i in right_aligned else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(line, widths, strict=True))]
-        out.write("  ".join(cells).rstrip() + "\n")
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def _count(value: int | None) -> str:
-    return "-" if value is None else str(value)
-
-
-def _utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _one_line(text: str | None, width: int) -> str:
-    if not text:
-        return ""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def _ids(ids: Sequence[int]) -> str:
     shown = ", ".join(str(i) for i in ids[:IDS_SHOWN])
     return shown + (f" and {len(ids) - IDS_SHOWN} more" if len(ids) > IDS_SHOWN else "")
-
-
-def _s(n: int) -> str:
-    return "" if n == 1 else "s"
-
-
-def _json_default(value: object) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
