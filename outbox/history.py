@@ -22,7 +22,7 @@ class AttemptRecord:
     #: 0 for the job's first run, n after its n-th requeue.
     run: int
     attempt: int
-    #: succeeded | failed | lost | cancelled; None while the attempt runs.
+    #: succeeded | failed | lost | cancelled; None for the attempt running now.
     outcome: str | None
     error: str | None
     worker: str | None

@@ -200,12 +200,19 @@ SELECT 1 FROM outbox_job
    FOR UPDATE
 
 -- name: attempts_of_job
--- Every attempt of one job, every run (a requeue starts run n+1), oldest first.
-SELECT a.job_id, a.run, a.attempt, a.outcome::text AS outcome, a.error, a.worker,
-       a.celery_task_id::text AS celery_task_id, a.started_at, a.finished_at
-  FROM outbox_attempt a
- WHERE a.job_id = %(job_id)s
- ORDER BY a.run, a.attempt
+-- Every attempt of one job, every run (a requeue starts run n+1), oldest first: the finished ones
+-- from outbox_attempt, and the one running now from the job's row (no outcome yet).
+SELECT * FROM (
+    SELECT a.job_id, a.run, a.attempt, a.outcome::text AS outcome, a.error, a.worker,
+           a.celery_task_id::text AS celery_task_id, a.started_at, a.finished_at
+      FROM outbox_attempt a
+     WHERE a.job_id = %(job_id)s
+    UNION ALL
+    SELECT j.id, j.requeue_count, j.attempts, NULL, NULL, j.worker, j.celery_task_id::text, j.started_at, NULL
+      FROM outbox_job j
+     WHERE j.id = %(job_id)s AND j.status = 'running'
+) attempts
+ ORDER BY run, attempt
  LIMIT %(limit)s
 
 -- name: failed_attempts_since

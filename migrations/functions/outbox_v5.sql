@@ -12,9 +12,11 @@
 --                    task's cooldown of the key's last finish is refused with the time left;
 --     none           every submission is its own job (the key only scopes idempotency).
 --   A running attempt's lease is the task's lease_seconds unless the worker names one.
--- * Attempt history. Every attempt is a row of outbox_attempt (started, finished, outcome, error,
---   worker, the Celery task id it ran under), written by the same statements that move the job,
---   so every error is kept, not only the last.
+-- * Attempt history. Every finished attempt is a row of outbox_attempt (started, finished,
+--   outcome, error, worker, the Celery task id it ran under), inserted by the same statement that
+--   finishes it, so every error is kept, not only the last. The attempt that is running lives on
+--   the job row (started_at, worker) until then: one insert per attempt, no extra update on the
+--   hot path.
 -- * A requeued job gets a new Celery task id: its next run is a task of its own in Flower, and
 --   the first run's record there is kept.
 -- * outbox_heartbeat lets a long attempt extend its lease, so a task whose time limit is longer
@@ -247,8 +249,8 @@ BEGIN
 END;
 $fn$;
 
--- outbox_start: a worker asks to run a delivered job. Counts the attempt in Postgres and records
--- it in outbox_attempt.
+-- outbox_start: a worker asks to run a delivered job. Counts the attempt in Postgres; the job row
+-- names the worker holding it. A lost attempt it takes over is recorded in outbox_attempt.
 --   started    the caller now holds attempt N with a lease; run it and finish with that N
 --   finished   the job is done, dead or superseded: the delivery is a stale duplicate
 --   duplicate  another live attempt holds the job: drop this delivery
@@ -298,9 +300,10 @@ BEGIN
             RETURN;
         END IF;
         -- The holder is gone (its message came back, or its lease ran out). Its attempt counts.
-        UPDATE outbox_attempt a
-           SET outcome = 'lost', finished_at = now(), error = 'worker died or lease expired'
-         WHERE a.job_id = j.id AND a.run = j.requeue_count AND a.attempt = j.attempts AND a.outcome IS NULL;
+        INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker, started_at, finished_at, outcome, error)
+        VALUES (j.id, j.requeue_count, j.attempts, j.celery_task_id, j.worker, j.started_at, now(), 'lost',
+                'worker died or lease expired')
+        ON CONFLICT DO NOTHING;
         IF j.attempts >= j.max_attempts THEN
             UPDATE outbox_job
                SET status = 'dead', finished_at = now(), updated_at = now(), lease_expires_at = NULL,
@@ -311,12 +314,9 @@ BEGIN
         END IF;
         UPDATE outbox_job
            SET attempts = attempts + 1, started_at = now(), heartbeat_at = now(),
-               lease_expires_at = now() + v_lease, updated_at = now(),
+               lease_expires_at = now() + v_lease, updated_at = now(), worker = v_worker,
                last_error = format('attempt %s was lost (worker died or lease expired)', j.attempts)
          WHERE id = j.id;
-        INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker)
-        VALUES (j.id, j.requeue_count, j.attempts + 1, j.celery_task_id, v_worker)
-        ON CONFLICT DO NOTHING;
         RETURN QUERY SELECT 'started'::text, j.attempts + 1, j.payload, j.coalescing_key, NULL::interval, v_lease;
         RETURN;
     END IF;
@@ -349,19 +349,18 @@ BEGIN
                SET status = 'superseded', superseded_by = j.id, finished_at = now(), updated_at = now(),
                    lease_expires_at = NULL
              WHERE id = r.id;
-            UPDATE outbox_attempt a
-               SET outcome = 'lost', finished_at = now(), error = 'worker died or lease expired'
-             WHERE a.job_id = r.id AND a.run = r.requeue_count AND a.attempt = r.attempts AND a.outcome IS NULL;
+            INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker, started_at, finished_at,
+                                        outcome, error)
+            VALUES (r.id, r.requeue_count, r.attempts, r.celery_task_id, r.worker, r.started_at, now(), 'lost',
+                    'worker died or lease expired')
+            ON CONFLICT DO NOTHING;
         END IF;
     END IF;
 
     UPDATE outbox_job
        SET status = 'running', attempts = attempts + 1, started_at = now(), heartbeat_at = now(),
-           lease_expires_at = now() + v_lease, claimed_until = NULL, updated_at = now()
+           lease_expires_at = now() + v_lease, claimed_until = NULL, updated_at = now(), worker = v_worker
      WHERE id = j.id;
-    INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker)
-    VALUES (j.id, j.requeue_count, j.attempts + 1, j.celery_task_id, v_worker)
-    ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT 'started'::text, j.attempts + 1, j.payload, j.coalescing_key, NULL::interval, v_lease;
 END;
 $fn$;
@@ -403,13 +402,14 @@ LANGUAGE sql AS $fn$
         UPDATE outbox_job
            SET status = 'done', finished_at = now(), updated_at = now(), lease_expires_at = NULL
          WHERE id = p_job_id AND status = 'running' AND attempts = p_attempt
-        RETURNING id, requeue_count
+        RETURNING id, requeue_count, celery_task_id, worker, started_at
     ), attempt AS (
         -- A data-modifying WITH runs whether or not the query reads it.
-        UPDATE outbox_attempt a
-           SET outcome = 'succeeded', finished_at = now()
+        INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker, started_at, finished_at, outcome)
+        SELECT done.id, done.requeue_count, p_attempt, done.celery_task_id, done.worker, done.started_at, now(),
+               'succeeded'
           FROM done
-         WHERE a.job_id = done.id AND a.run = done.requeue_count AND a.attempt = p_attempt
+        ON CONFLICT DO NOTHING
     )
     SELECT EXISTS (SELECT 1 FROM done);
 $fn$;
@@ -431,9 +431,9 @@ BEGIN
     IF NOT FOUND OR j.status <> 'running' OR j.attempts <> p_attempt THEN
         RETURN 'stale';
     END IF;
-    UPDATE outbox_attempt a
-       SET outcome = 'failed', finished_at = now(), error = v_error
-     WHERE a.job_id = j.id AND a.run = j.requeue_count AND a.attempt = p_attempt;
+    INSERT INTO outbox_attempt (job_id, run, attempt, celery_task_id, worker, started_at, finished_at, outcome, error)
+    VALUES (j.id, j.requeue_count, p_attempt, j.celery_task_id, j.worker, j.started_at, now(), 'failed', v_error)
+    ON CONFLICT DO NOTHING;
     IF p_retryable AND j.attempts < j.max_attempts THEN
         IF j.mode = 'coalesce' THEN
             SELECT id INTO v_waiting FROM outbox_job

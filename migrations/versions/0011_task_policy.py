@@ -69,12 +69,15 @@ def upgrade() -> None:
         -- The job's mode, copied from its task when it is created: the unique indexes of 0012
         -- are partial on it. A constant default: no rewrite.
         ALTER TABLE outbox_job ADD COLUMN mode outbox_coalescing_mode NOT NULL DEFAULT 'coalesce';
+        -- The worker holding the running attempt (its row of outbox_attempt is written when it ends).
+        ALTER TABLE outbox_job ADD COLUMN worker text;
         -- Only a coalescing job is ever covered by another job of its key.
         ALTER TABLE outbox_job
             ADD CONSTRAINT ck_outbox_job_superseded_only_coalesced
                 CHECK (status <> 'superseded' OR mode = 'coalesce') NOT VALID;
 
-        -- One row per attempt: every error is kept, not only the job's last.
+        -- One row per finished attempt, inserted by the statement that finishes it: every error
+        -- is kept, not only the job's last. The running attempt is on its job's row.
         CREATE TABLE outbox_attempt (
             job_id         bigint NOT NULL REFERENCES outbox_job (id) ON DELETE CASCADE,
             -- The job's requeue_count when the attempt ran: 0 for the first run.
@@ -82,12 +85,11 @@ def upgrade() -> None:
             attempt        integer NOT NULL CHECK (attempt >= 1),
             celery_task_id uuid NOT NULL,
             worker         text,
-            started_at     timestamptz NOT NULL DEFAULT now(),
-            finished_at    timestamptz,
-            outcome        outbox_attempt_outcome,
+            started_at     timestamptz NOT NULL,
+            finished_at    timestamptz NOT NULL,
+            outcome        outbox_attempt_outcome NOT NULL,
             error          text,
             PRIMARY KEY (job_id, run, attempt),
-            CONSTRAINT ck_outbox_attempt_finished_iff_outcome CHECK ((outcome IS NULL) = (finished_at IS NULL)),
             CONSTRAINT ck_outbox_attempt_failure_has_error CHECK (outcome NOT IN ('failed', 'lost') OR error IS NOT NULL)
         );
         -- Recent failures across the queue (metrics, the admin listing).
@@ -118,7 +120,7 @@ def downgrade() -> None:
         """
         DROP TABLE outbox_attempt;
         ALTER TABLE outbox_job DROP CONSTRAINT ck_outbox_job_superseded_only_coalesced;
-        ALTER TABLE outbox_job DROP COLUMN mode;
+        ALTER TABLE outbox_job DROP COLUMN mode, DROP COLUMN worker;
         ALTER TABLE outbox_task
             DROP COLUMN queue, DROP COLUMN lease_seconds, DROP COLUMN time_limit_seconds,
             DROP COLUMN soft_time_limit_seconds, DROP COLUMN heartbeats, DROP COLUMN mode,

@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 import outbox
 from outbox import lifecycle
 from outbox.backoff import RetryPolicy
+from outbox.history import attempts_of_job
 from services.documents import verify_document
 from services.recalc_requests import request_manual_recalculation
 from services.recalculation import Applied, Dead, Dropped, RecalculationPolicy, Recalculator, RetryLater
@@ -644,6 +645,8 @@ def test_a_lost_attempt_taken_over_is_recorded_as_lost_beside_the_takeover(
     with db.transaction():
         started = lifecycle.start(db, job_id, redelivered=False, lease_seconds=30, worker="gone@host")
     assert started.attempt == 1
+    [running] = attempts_of_job(db, job_id)
+    assert (running.attempt, running.outcome, running.worker, running.finished_at) == (1, None, "gone@host", None)
     assert isinstance(make_recalculator().run(job_id, redelivered=True, worker="w2@host"), Applied)
 
     attempts = rows(db, "SELECT attempt, outcome::text AS outcome, error, worker FROM outbox_attempt "
