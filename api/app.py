@@ -7,6 +7,7 @@ then, never at import.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from api import metrics, problems
+from api.admission import Admission, AdmissionLimits
 from api.body_limit import BodySizeLimit
 from api.routes import admin, admin_jobs, client
 from api.security import AdminKeys
@@ -53,7 +55,7 @@ class Health(BaseModel):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, pool_size=settings.api_db_pool_size)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -74,14 +76,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Outermost: a request is admitted (or refused at once) before anything reads its body.
+    app.add_middleware(Admission, limits=admission_limits(settings))
     app.include_router(client.router)
     app.include_router(admin.router)
     app.include_router(admin_jobs.router)
     app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"], response_model=Health)
-    def healthz() -> Health:
-        """The process is up (it does not touch the database)."""
+    async def healthz() -> Health:
+        """The process is up (it does not touch the database, takes no thread and is never queued)."""
         return Health(status="ok")
 
     @app.get("/readyz", tags=["health"], response_model=Health,
@@ -93,3 +97,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ready")
 
     return app
+
+
+def admission_limits(settings: Settings) -> AdmissionLimits:
+    slots = settings.api_max_in_flight or settings.api_db_pool_size
+    return AdmissionLimits(
+        slots=slots,
+        max_waiting=settings.api_max_waiting,
+        max_wait_seconds=settings.api_max_wait_seconds,
+        tenant_slots=max(1, min(slots, math.floor(slots * settings.api_caller_share))),
+        rate=settings.api_caller_rate_per_second,
+        burst=settings.api_caller_burst,
+    )

@@ -62,7 +62,10 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _describe(401, "Missing or invalid credentials"),
     404: _describe(404, "Not found, or not yours"),
     422: _describe(422, "A value breaks a rule; `errors` names the field, the rule and the valid values"),
-    503: _describe(503, "The database is unavailable, or the admin API has no keys configured; retry later"),
+    429: _describe(429, "This caller has its share of requests in progress, or is over its rate; retry after "
+                   "the seconds in Retry-After"),
+    503: _describe(503, "The API is at capacity (Retry-After says when to retry), the database is unavailable, "
+                   "or the admin API has no keys configured"),
 }
 UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _describe(413, "A file, archive or the request is over its size limit"),
@@ -209,7 +212,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         titles = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
-                  413: "Payload too large", 503: "Service unavailable"}
+                  413: "Payload too large", 429: "Too many requests", 503: "Service unavailable"}
         title = titles.get(exc.status_code, "Error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:

@@ -46,8 +46,11 @@ def utc_today() -> date:
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, pool_size: int | None = None) -> None:
+        """`pool_size`: this process's connections (the API's is its own setting); None:
+        db_pool_max_size, what each worker child gets."""
         self.settings = settings
+        self._pool_size = pool_size if pool_size is not None else settings.db_pool_max_size
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
 
@@ -58,8 +61,8 @@ class Runtime:
             # A pool inherited across fork() shares sockets with the parent: never reuse it.
             self._pool = ConnectionPool(
                 self.settings.conninfo,
-                min_size=self.settings.db_pool_min_size,
-                max_size=self.settings.db_pool_max_size,
+                min_size=min(self.settings.db_pool_min_size, self._pool_size),
+                max_size=self._pool_size,
                 timeout=self.settings.db_pool_timeout_seconds,
                 # Autocommit: every change is an explicit `with conn.transaction()`, which then
                 # really commits. Without it, a read before a service call would open a

@@ -102,6 +102,20 @@ class Settings(BaseSettings):
     #: HTTP API (`recalq api`, and part of `recalq up`). Loopback unless told otherwise.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    #: Database connections of one API process (workers use db_pool_max_size per child).
+    api_db_pool_size: int = Field(default=8, ge=1, le=200)
+    #: Requests one API process runs at once; None: api_db_pool_size, so no request ever waits
+    #: for a connection. The next api_max_waiting wait at most api_max_wait_seconds for a turn;
+    #: past that the API answers 503 with Retry-After at once (api/admission.py).
+    api_max_in_flight: int | None = Field(default=None, ge=1, le=1000)
+    api_max_waiting: int = Field(default=64, ge=0, le=100_000)
+    api_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
+    #: One caller (one token or key) may hold this share of the in-flight requests, and start this
+    #: many requests per second (bursts of api_caller_burst); past either it gets 429 with
+    #: Retry-After while other callers go on.
+    api_caller_share: float = Field(default=0.5, gt=0, le=1)
+    api_caller_rate_per_second: float = Field(default=100.0, gt=0)
+    api_caller_burst: int = Field(default=200, ge=1)
     #: Admin API keys (X-API-Key), comma-separated. Several at once let a key be rotated
     #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
     #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.

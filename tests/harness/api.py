@@ -36,9 +36,14 @@ class TenantClient:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+#: In-process tests are one caller sending thousands of requests back to back (schemathesis
+#: included): its rate is not under test there. tests/integration/test_admission.py tests it.
+UNTHROTTLED = {"api_caller_rate_per_second": 1e6, "api_caller_burst": 1_000_000}
+
+
 def api_settings(database_url: str, storage_dir: Path, **overrides: object) -> Settings:
     return Settings(database_url=database_url, broker_url="redis://127.0.0.1:6379/15", storage_dir=storage_dir,
-                    admin_api_keys=(ADMIN_KEY,), **overrides)
+                    admin_api_keys=(ADMIN_KEY,), **{**UNTHROTTLED, **overrides})
 
 
 @contextmanager

@@ -1,0 +1,33 @@
+"""The real app served by uvicorn on a loopback port, in a thread of the test process: for tests
+that need concurrent requests over real sockets (TestClient sends one at a time)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from api.app import create_app
+from recalq.settings import Settings
+from tests.harness.system import wait_until
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """Serves the app until the block ends; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 20, "uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
