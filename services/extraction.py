@@ -8,6 +8,7 @@ it came from and says what it could not find. `EXTRACTOR_VERSION` changes whenev
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import io
 import re
@@ -21,9 +22,12 @@ from services.errors import UnsupportedContent
 from services.scoring import REQUIREMENTS
 from services.uploads import ACCEPTED_TYPES, FileKind
 
-EXTRACTOR_VERSION = "keywords-1"
+EXTRACTOR_VERSION = "keywords-2"
 #: Certificates are a few pages; a long file is read this far, and the notes say so.
 MAX_PAGES = 50
+#: And at most this much of their text (a certificate has a few thousand characters a page):
+#: the work per document is bounded, so a crafted 10 MiB text cannot hold a request for seconds.
+MAX_TEXT_CHARS = 100_000
 
 #: Phrases per requirement and what each is worth. A document names its own type in full or
 #: by its usual abbreviation (3); other phrases only lean towards a type. Each phrase counts
@@ -141,6 +145,7 @@ def suggest(content: bytes, kind: FileKind) -> Suggestion:
     except UnsupportedContent as error:
         return Suggestion(None, None, (), (str(error),), EXTRACTOR_VERSION)
     notes += reading_notes
+    pages = _within_budget(pages, notes)
     if not any(page.strip() for page in pages):
         notes.append("no text could be extracted (a scanned image has none)")
 
@@ -153,6 +158,19 @@ def suggest(content: bytes, kind: FileKind) -> Suggestion:
         notes=tuple(notes),
         extractor_version=EXTRACTOR_VERSION,
     )
+
+
+def _within_budget(pages: list[str], notes: list[str]) -> list[str]:
+    kept: list[str] = []
+    left = MAX_TEXT_CHARS
+    for page in pages:
+        if len(page) > left:
+            kept.append(page[:left])
+            notes.append(f"only the first {MAX_TEXT_CHARS:,} characters of text were read")
+            return kept
+        kept.append(page)
+        left -= len(page)
+    return kept
 
 
 def _read_pages(content: bytes, kind: FileKind) -> tuple[list[str], list[str]]:
@@ -249,12 +267,17 @@ def _labelled_dates(pages: list[str], notes: list[str]) -> tuple[list[_LabelledD
     expiries: list[_LabelledDate] = []
     issues: list[_LabelledDate] = []
     for page_number, text in enumerate(pages, start=1):
-        expiry_spans = [match.span() for match in _EXPIRY.finditer(text)]
-        for match in _EXPIRY.finditer(text):
+        expiry_matches = list(_EXPIRY.finditer(text))
+        # Label spans do not overlap and come in order: a bisect finds the one a match may be in
+        # (a linear scan per match was quadratic in the labels of a page: seconds on crafted text).
+        starts = [match.start() for match in expiry_matches]
+        ends = [match.end() for match in expiry_matches]
+        for match in expiry_matches:
             if found := _date_after(match, text, page_number, notes):
                 expiries.append(found)
         for match in _ISSUE.finditer(text):
-            inside_expiry_label = any(start <= match.start() < end for start, end in expiry_spans)
+            at = bisect.bisect_right(starts, match.start()) - 1
+            inside_expiry_label = at >= 0 and match.start() < ends[at]
             if not inside_expiry_label and (found := _date_after(match, text, page_number, notes)):
                 issues.append(found)
     return expiries, issues

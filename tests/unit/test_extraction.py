@@ -206,3 +206,14 @@ def test_only_the_first_max_pages_are_read_and_the_notes_say_so() -> None:
 
     assert suggestion.requirement_code is None
     assert f"only the first {MAX_PAGES} of {MAX_PAGES + 2} pages were read" in suggestion.notes
+
+
+def test_the_text_read_is_bounded_so_a_huge_crafted_file_costs_a_bounded_amount_of_work_and_says_so() -> None:
+    from services.extraction import MAX_TEXT_CHARS
+
+    head = b"Landlord gas safety record. Expiry date: 01/02/2027. "
+    crafted = head + b"inspection date 01/01/2026 " * (4 * MAX_TEXT_CHARS // 27)
+    suggestion = suggest(crafted, FileKind.TEXT)
+
+    assert (suggestion.requirement_code, suggestion.expires_at) == ("gas_safety", date(2027, 2, 1))
+    assert f"only the first {MAX_TEXT_CHARS:,} characters of text were read" in suggestion.notes
