@@ -1,4 +1,4 @@
-"""Compliance score, formula version 1 (DESIGN.md), as a pure function of inputs and a date.
+"""Compliance score, formula version 1 (docs/scoring.md), as a pure function of inputs and a date.
 
 No clock, no database: the same inputs and the same as-of date give the same score and the
 same breakdown, byte for byte (`breakdown_json`). Credits are kept in tenths and the score is

@@ -1,5 +1,5 @@
 -- Queries of the compliance services. Mutations lock the property row first, the same lock a
--- recalculation holds while it reads, which is what makes "pending" race-free (DESIGN G2).
+-- recalculation holds while it reads, which is what makes "pending" race-free (G2, docs/guarantees.md).
 
 -- name: insert_client
 INSERT INTO clients (name) VALUES (%(name)s) RETURNING id

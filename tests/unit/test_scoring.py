@@ -1,9 +1,9 @@
-"""The compliance score, formula version 1, checked against DESIGN.md ("Compliance score").
+"""The compliance score, formula version 1, checked against docs/scoring.md.
 
 The stored score is the product every client sees and drift detection (G6) recomputes it
 byte for byte, so the formula is pinned three ways: hand-computed examples for every state and
-edge, properties over random inputs, and an independent re-implementation of DESIGN.md's words
-(`spec_score`) that the real code must agree with on every input hypothesis can think of.
+edge, properties over random inputs, and an independent re-implementation of docs/scoring.md's
+words (`spec_score`) that the real code must agree with on every input hypothesis can think of.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_each_requirement_is_scored_by_its_best_document(documents, best_id, sta
 
 
 def test_among_equally_good_documents_the_latest_expiry_then_the_newest_is_reported():
-    # Not in DESIGN.md (any of them gives the same score); pinned so the breakdown is stable.
+    # docs/scoring.md: any of them gives the same score; pinned so the breakdown is stable.
     assert row(scored([doc(1, "epc", VERIFIED, days(60)), doc(2, "epc", VERIFIED, days(90))]), "epc")[
         "document_id"] == 2
     assert row(scored([doc(1, "epc", VERIFIED, None), doc(2, "epc", VERIFIED, days(900))]), "epc")[
@@ -341,7 +341,7 @@ def test_the_fingerprint_is_a_stable_sha256_hex_digest():
     assert ScoringInputs.of(True, _base_documents()).fingerprint() == fingerprint
 
 
-# -- an independent reading of DESIGN.md ---------------------------------------------------
+# -- an independent reading of docs/scoring.md ---------------------------------------------------
 
 SPEC_WEIGHTS = {"gas_safety": 25, "eicr": 20, "epc": 15, "smoke_co_alarms": 15,
                 "fire_risk_assessment": 15, "legionella": 10}
@@ -349,7 +349,7 @@ SPEC_WEIGHTS = {"gas_safety": 25, "eicr": 20, "epc": 15, "smoke_co_alarms": 15,
 
 @dataclass(frozen=True)
 class SpecDocument:
-    """What DESIGN.md says a single document is worth, and the names it may be reported as."""
+    """What docs/scoring.md says a single document is worth, and the names it may be reported as."""
 
     credit: Fraction
     states: frozenset[str]
