@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import time
 from collections import OrderedDict
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.problems import problem_response
 
 #: Paths that need no database and are never queued or limited.
 FREE_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -84,12 +85,12 @@ class Admission:
         bucket = self._bucket(_caller(scope))
         refusal = self._tenant_refusal(bucket)
         if refusal is not None:
-            await _refuse(send, 429, "Too many requests", refusal[0], "rate-limited", refusal[1])
+            await _refuse(scope, receive, send, 429, "Too many requests", refusal[0], "rate-limited", refusal[1])
             return
         bucket.in_flight += 1
         try:
             if not await self._acquire():
-                await _refuse(send, 503, "Service unavailable",
+                await _refuse(scope, receive, send, 503, "Service unavailable",
                               "the API is at capacity; retry after the time in Retry-After", "overloaded", 1)
                 return
             try:
@@ -159,10 +160,6 @@ class Admission:
                 return
         self._free += 1
 
-    @property
-    def in_flight(self) -> int:
-        return self.limits.slots - self._free
-
 
 def _caller(scope: Scope) -> str:
     headers = dict(scope.get("headers") or [])
@@ -173,11 +170,7 @@ def _caller(scope: Scope) -> str:
     return f"peer:{client[0] if client else '?'}"
 
 
-async def _refuse(send: Send, status: int, title: str, detail: str, kind: str, retry_after: int) -> None:
-    body = json.dumps({"type": f"urn:recalq:problem:{kind}", "title": title, "status": status, "detail": detail,
-                       "errors": []}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/problem+json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(retry_after).encode())]})
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, title: str, detail: str, kind: str,
+                  retry_after: int) -> None:
+    response = problem_response(status, title, detail, kind=kind, headers={"Retry-After": str(retry_after)})
+    await response(scope, receive, send)

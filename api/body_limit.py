@@ -6,9 +6,9 @@ cannot get past the limit by not declaring a length.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import FieldProblem, problem_response
 
 
 class _TooLarge(Exception):
@@ -26,7 +26,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
         seen = 0
         started = False
@@ -51,18 +51,13 @@ class BodySizeLimit:
         except _TooLarge:
             if started:
                 raise
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({
-            "type": "urn:recalq:problem:payload-too-large",
-            "title": "Payload too large",
-            "status": 413,
-            "detail": f"the request body is over the limit of {self.max_bytes} bytes",
-            "errors": [{"field": "body", "rule": "max_size", "message": f"at most {self.max_bytes} bytes",
-                        "valid_values": None}],
-        }).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"at most {self.max_bytes} bytes"
+        response = problem_response(
+            413, "Payload too large", f"the request body is over the limit of {self.max_bytes} bytes",
+            kind="payload-too-large", headers={"Connection": "close"},
+            errors=[FieldProblem(field="body", rule="max_size", message=limit)],
+        )
+        await response(scope, receive, send)

@@ -136,8 +136,8 @@ SELECT id AS request_id, job_id
 
 -- name: prune_finished_jobs
 -- One batch of retention: done and superseded jobs that finished before the cutoff, with their
--- requests (and, by ON DELETE CASCADE, their attempts). DEAD jobs are never pruned (they wait for a requeue or an explicit purge). A job
--- that a superseded job still names is kept until that one is pruned (the foreign key), so a
+-- requests (and, by ON DELETE CASCADE, their attempts). DEAD jobs are never pruned (they wait
+-- for a requeue or an explicit purge). A job that a superseded job still names is kept until that one is pruned (the foreign key), so a
 -- chain goes over several batches; the caller loops until a batch deletes nothing. SKIP
 -- LOCKED: pruning never waits on, nor holds up, live work. Deleting a request ends its
 -- correlation id's protection against repeats, which is what the retention period means.
