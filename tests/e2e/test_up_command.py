@@ -185,6 +185,19 @@ def provision_and_upload(database_url: str) -> int:
     return property_id
 
 
+def command_lines(processes: list[psutil.Process]) -> list[str]:
+    """The command lines of the processes still running. A short-lived one (a database backend
+    whose connection just closed) may exit, or be an unreaped zombie, between listing and
+    reading: it has no command line left, and is none of the processes looked for."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return lines
+
+
 def test_up_runs_every_process_with_flower_behind_a_password_file_and_leaves_nothing_running_after_ctrl_c(
     run, data_dir
 ) -> None:
@@ -197,7 +210,7 @@ def test_up_runs_every_process_with_flower_behind_a_password_file_and_leaves_not
     wait_until(lambda: score_of(database_url, property_id) == (25, False), 30, "the uploaded document's score")
 
     family = up.family()
-    names = " ".join(" ".join(p.cmdline()) for p in family)
+    names = " ".join(command_lines(family))
     for expected in ("postgres", "redis-server", "recalq --log-level INFO relay", "celery -A recalq.celery_app worker",
                      "recalq --log-level INFO api", "recalq --log-level INFO beat", "recalq --log-level INFO flower"):
         assert expected in names, f"{expected!r} not among the processes of `recalq up`: {names}"
