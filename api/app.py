@@ -35,8 +35,9 @@ and `status: "updating"`.
 * **Client endpoints** take a client's token: `Authorization: Bearer rqc_...`. A client sees
   only its own properties; another client's ids answer 404.
 * **Admin endpoints** take `X-API-Key`.
-* **Idempotency**: send `Idempotency-Key` on any POST or DELETE; a retry with the same key
-  changes nothing more and answers 200 with `Idempotent-Replayed: true`.
+* **Idempotency**: every POST and DELETE has a key: the `Idempotency-Key` you send, or one the
+  server makes, returned in the answer's `Idempotency-Key` header (also on a 503). A retry under
+  it changes nothing more and answers 200 with the first answer and `Idempotent-Replayed: true`.
 * **Errors** are RFC 9457 problem documents (`application/problem+json`) whose `errors` name
   the field, the rule and the valid values.
 """

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, Header, HTTPException, Request, Response
+from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel
 
+from api.idempotency import KEY_HEADER, REPLAYED_HEADER, SERVER_KEY_PREFIX
+from api.problems import MalformedHeader
 from services.file_store import FileStore
 from services.uploads import UploadLimits
 from services.vocabulary import Actor
@@ -33,43 +35,44 @@ def get_limits(request: Request) -> UploadLimits:
 
 
 def idempotency_key(
+    request: Request,
+    response: Response,
     key: Annotated[
         str | None,
         Header(
-            alias="Idempotency-Key",
-            pattern=_IDEMPOTENCY_KEY.pattern,
-            description="Makes a retried request safe: the same key (per caller) changes data and "
-            "enqueues once; a replay answers 200 with `Idempotent-Replayed: true`. 1-128 printable "
-            "ASCII characters, e.g. a UUID.",
+            alias=KEY_HEADER,
+            description="Makes a retried change safe: under one key (per caller, across every route) a "
+            "change happens once, and a retry is answered 200 with the first answer and "
+            "`Idempotent-Replayed: true`; the same key with another request answers 422. Without one "
+            "the server makes a key and sends it back in this header. 1-128 printable ASCII "
+            "characters, e.g. a UUID.",
+            # Documented, but checked below: a malformed key is a 400, not a validation 422.
+            json_schema_extra={"pattern": _IDEMPOTENCY_KEY.pattern},
         ),
     ] = None,
-) -> str | None:
+) -> str:
+    """The change's key: the caller's, or a server-made one. Every answer carries it back (the
+    problem handlers read it from request.state for a 503), so a caller who never learned
+    whether a change committed can ask again under it."""
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
-        raise HTTPException(
-            400, "Idempotency-Key must be 1 to 128 printable ASCII characters without spaces (e.g. a UUID)"
-        )
-    return key
+        raise MalformedHeader(KEY_HEADER, "format", "Idempotency-Key must be 1 to 128 printable ASCII characters "
+                              "without spaces (e.g. a UUID)")
+    chosen = key if key is not None else SERVER_KEY_PREFIX + uuid.uuid4().hex
+    request.state.change_key = chosen
+    response.headers[KEY_HEADER] = chosen
+    return chosen
 
 
-def correlation_id(actor: Actor, key: str | None) -> str:
-    """The request's correlation id: the caller's Idempotency-Key, scoped to the caller so two
-    callers' keys never collide; without a key, one made up for this request alone."""
-    return f"{actor.type}:{actor.id}:{key if key is not None else 'auto:' + uuid.uuid4().hex}"
+def correlation_id(actor: Actor, key: str) -> str:
+    """The request's correlation id: its key, scoped to the caller so two callers' keys never
+    collide."""
+    return f"{actor.type}:{actor.id}:{key}"
 
 
 Conn = Annotated[psycopg.Connection, Depends(get_conn, scope="function")]
 Store = Annotated[FileStore, Depends(get_store)]
 Limits = Annotated[UploadLimits, Depends(get_limits)]
-IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
-
-#: The response header that marks an answer to a replayed Idempotency-Key.
-REPLAYED_HEADER = "Idempotent-Replayed"
-
-
-def mark_replayed(response: Response) -> None:
-    """A replay answers 200 (not 201/202): nothing was created or queued this time."""
-    response.status_code = 200
-    response.headers[REPLAYED_HEADER] = "true"
+IdempotencyKey = Annotated[str, Depends(idempotency_key)]
 
 
 def replay_response(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

@@ -76,6 +76,14 @@ CONFLICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class MalformedHeader(StarletteHTTPException):
+    """A header the request may send is malformed: 400, naming the header and the rule."""
+
+    def __init__(self, header: str, rule: str, detail: str) -> None:
+        super().__init__(400, detail)
+        self.problems = [FieldProblem(field=f"header.{header}", rule=rule, message=detail)]
+
+
 def problem_response(
     status: int,
     title: str,
@@ -218,11 +226,27 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)
         return problem_response(exc.status_code, title, str(exc.detail), kind=title.lower().replace(" ", "-"),
-                                headers=headers or None)
+                                headers=headers or None, errors=getattr(exc, "problems", None))
 
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(psycopg.OperationalError)
-    async def _on_database_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
-                                kind="database-unavailable", headers={"Retry-After": "5"})
+        return database_unavailable(request, exc)
+
+
+def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A 503 that says what is known. No connection was ever had (a pool timeout): nothing was
+    done. Lost mid-change: the change may have committed, so the answer carries the change's
+    key, under which a retry is applied at most once (and is told what the first one did)."""
+    headers = {"Retry-After": "5"}
+    key = getattr(request.state, "change_key", None)
+    if isinstance(exc, PoolTimeout) or key is None:
+        detail = "the database is unavailable; nothing was changed; retry shortly"
+    else:
+        headers["Idempotency-Key"] = key
+        detail = ("the database became unavailable while this change was being made, so whether it was "
+                  f"applied is unknown; retry with the header Idempotency-Key: {key} (also sent in this "
+                  "answer's headers): the change is applied at most once, and a retry of one that was "
+                  "applied answers with its first result")
+    return problem_response(503, "Service unavailable", detail, kind="database-unavailable", headers=headers)

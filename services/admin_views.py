@@ -8,7 +8,7 @@ transaction: one snapshot, no locks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -17,7 +17,6 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from services.errors import InvalidInput, PropertyNotFound
 from services.property_views import score_status
@@ -197,36 +196,6 @@ def job(conn: psycopg.Connection, job_id: int) -> Job | None:
 def job_status(conn: psycopg.Connection, job_id: int) -> str | None:
     row = conn.execute(QUERIES["admin_job_status"], {"job_id": job_id}).fetchone()
     return row[0] if row is not None else None
-
-
-def jobs_of_request(
-    conn: psycopg.Connection, property_ids: Sequence[int], correlation_id: str
-) -> list[tuple[int, int]]:
-    """(property id, job id) for each of these properties that a request with this correlation
-    id changed: what a replayed provisioning answers."""
-    rows = conn.execute(
-        QUERIES["admin_jobs_of_request"], {"property_ids": list(property_ids), "correlation_id": correlation_id}
-    ).fetchall()
-    return [(row[0], row[1]) for row in rows]
-
-
-def audit_of_request(
-    conn: psycopg.Connection,
-    action: str,
-    correlation_id: str,
-    *,
-    client_id: int | None = None,
-    job_id: int | None = None,
-    details: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """client_id, job_id and details of the audit row an action with this correlation id left
-    (on this client or job, with these details, when given): what a replay answers with."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            QUERIES["admin_audit_of_request"],
-            {"action": str(action), "correlation_id": correlation_id, "client_id": client_id, "job_id": job_id,
-             "details": Jsonb(details or {})},
-        ).fetchone()
 
 
 def token(conn: psycopg.Connection, client_id: int, token_id: int) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ from psycopg.rows import dict_row
 
 from services.errors import DocumentNotFound, InvalidInput, PropertyNotFound
 from services.queries import QUERIES
-from services.vocabulary import AuditAction
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -126,36 +125,6 @@ def documents_by_ids(conn: psycopg.Connection, property_id: int, document_ids: l
             QUERIES["pv_documents_by_ids"], {"property_id": property_id, "document_ids": list(document_ids)}
         ).fetchall()
     return [DocumentView(**row) for row in rows]
-
-
-def documents_uploaded_by_request(
-    conn: psycopg.Connection, property_id: int, correlation_id: str
-) -> list[DocumentView]:
-    """What an upload with this correlation id added: the answer to its replay."""
-    row = conn.execute(
-        QUERIES["pv_documents_uploaded_by_request"], {"property_id": property_id, "correlation_id": correlation_id}
-    ).fetchone()
-    return documents_by_ids(conn, property_id, row[0]) if row is not None else []
-
-
-def document_changed_by_request(
-    conn: psycopg.Connection, property_id: int, document_id: int, action: AuditAction, correlation_id: str
-) -> bool:
-    """Whether the request with this correlation id made this change to this document, which
-    tells a true replay from a key reused for another request on the same property."""
-    row = conn.execute(
-        QUERIES["pv_document_changed_by_request"],
-        {"property_id": property_id, "document_id": document_id, "action": str(action),
-         "correlation_id": correlation_id},
-    ).fetchone()
-    return row is not None
-
-
-def property_created_by_request(conn: psycopg.Connection, client_id: int, correlation_id: str) -> int | None:
-    row = conn.execute(
-        QUERIES["pv_property_created_by_request"], {"client_id": client_id, "correlation_id": correlation_id}
-    ).fetchone()
-    return row[0] if row is not None else None
 
 
 def _property(row: dict[str, Any]) -> PropertyView:

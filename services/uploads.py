@@ -485,6 +485,7 @@ def store_and_add_documents(
     correlation_id: str,
     status: DocumentStatus = DocumentStatus.PENDING_VERIFICATION,
     reconnect: Reconnect | None = None,
+    before_commit: Callable[[psycopg.Connection, DocumentsAdded], None] | None = None,
 ) -> DocumentsAdded:
     """Stores the files and adds their documents rows (one per (file, requirement_code,
     expires_at)) in one transaction that this function commits.
@@ -497,6 +498,9 @@ def store_and_add_documents(
     not) is removed, and the failure is re-raised. The lock is what makes this safe against a
     concurrent request storing the same bytes: its file write and its commit happen while it
     holds the lock, so the clean-up either runs before it writes or sees its committed row.
+
+    `before_commit` runs in the transaction once the rows are added (an API route stores its
+    answer there, so the answer exists exactly when the rows do); if it raises, nothing commits.
 
     If the connection is lost the clean-up runs on `reconnect()` (a context manager giving a
     connection to the same database, e.g. `pool.connection`); the new transaction waits for
@@ -525,10 +529,13 @@ def store_and_add_documents(
             _lock_files(conn, hashes)
             for sha256 in hashes:
                 store.write(contents[sha256], expected_sha256=sha256)
-            return add_documents(
+            added = add_documents(
                 conn, property_id=property_id, documents=documents, source=source, actor=actor,
                 trigger=trigger, correlation_id=correlation_id,
             )
+            if before_commit is not None:
+                before_commit(conn, added)
+            return added
     except BaseException:
         _discard_unreferenced_after_failure(conn, store, hashes, reconnect)
         raise

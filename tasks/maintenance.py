@@ -23,6 +23,7 @@ from outbox.relay import Relay
 from services.drift_sweep import drift_detected_since, sweep
 from services.expiry_rollover import roll_over_expiries
 from services.file_store import FileStore
+from services.idempotent_answers import prune_answers
 from services.uploads import remove_orphans
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,12 @@ def register_maintenance_tasks(app: Celery, deps: Callable[[], MaintenanceDeps])
         d = deps()
         with d.connection() as conn:
             report = prune_finished(conn, older_than=d.prune_after)
+            # Answers are kept as long as the requests they answer: a key is remembered as long.
+            answers = prune_answers(conn, older_than=d.prune_after)
             orphans = remove_orphans(conn, d.file_store(), ORPHAN_FILE_AGE)
-        log.info("pruned %s finished job(s) and %s request(s); removed %s orphan file(s)",
-                 report.jobs, report.requests, len(orphans))
-        return {"jobs": report.jobs, "requests": report.requests, "orphan_files": len(orphans)}
+        log.info("pruned %s finished job(s), %s request(s) and %s stored answer(s); removed %s orphan file(s)",
+                 report.jobs, report.requests, answers, len(orphans))
+        return {"jobs": report.jobs, "requests": report.requests, "answers": answers, "orphan_files": len(orphans)}
 
     @app.task(name=DRIFT_SWEEP_TASK, **_MAINTENANCE)
     def drift_sweep(

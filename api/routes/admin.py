@@ -14,21 +14,12 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 import psycopg
-from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from api.dependencies import (
-    REPLAYED_HEADER,
-    Conn,
-    IdempotencyKey,
-    Limits,
-    Store,
-    correlation_id,
-    mark_replayed,
-    replay_response,
-)
+from api.dependencies import Conn, IdempotencyKey, Limits, Store, correlation_id, replay_response
+from api.idempotency import KEY_HEADER, Record, answer_once, answer_once_within, keyed
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, UPLOAD_RESPONSES
 from api.schemas import BreakdownOut, DocumentOut, RecalculationRef, ScoreStatus, StrictModel
 from api.security import Admin
@@ -36,13 +27,14 @@ from outbox import JobStatus
 from services import admin_views, audit, property_views
 from services.client_tokens import IssuedToken, issue_token, revoke_token, tokens_of_client
 from services.documents import (
+    DocumentsAdded,
     DocumentSource,
     delete_document,
     property_of_document,
     reject_document,
     verify_document,
 )
-from services.errors import ClientNotFound, DuplicateRequest
+from services.errors import ClientNotFound
 from services.properties import NewProperty, provision_client
 from services.recalc_requests import request_manual_recalculation
 from services.scoring import REQUIREMENTS, DocumentStatus
@@ -141,58 +133,52 @@ def _issued(issued: IssuedToken) -> IssuedTokenOut:
 
 @router.post("/clients", status_code=201, response_model=ProvisionedClientOut,
              responses=replay_response(ProvisionedClientOut))
-def provision(body: ProvisionIn, admin: Admin, conn: Conn, key: IdempotencyKey,
-              response: Response) -> ProvisionedClientOut:
+def provision(body: ProvisionIn, admin: Admin, conn: Conn, key: IdempotencyKey, request: Request) -> Any:
     """Creates a client with its properties (each queued for its first score, trigger
     `provisioning`) and its first API token, all in one transaction. The token is shown once."""
-    cid = correlation_id(admin.actor, key)
-    try:
-        with conn.transaction():
-            made = provision_client(
-                conn, name=body.name,
-                properties=[NewProperty(p.name, has_gas_supply=p.has_gas_supply) for p in body.properties],
-                actor=admin.actor, correlation_id=cid,
-            )
-            issued = issue_token(conn, client_id=made.client_id, label="issued at provisioning")
-    except DuplicateRequest:
-        first = admin_views.audit_of_request(conn, AuditAction.CLIENT_PROVISIONED, cid)
-        assert first is not None, "a replayed provisioning left its audit row"
-        jobs = admin_views.jobs_of_request(conn, first["details"]["property_ids"], cid)
-        mark_replayed(response)
-        return ProvisionedClientOut(
-            client_id=first["client_id"],
-            properties=[ProvisionedPropertyOut(property_id=p, job_id=j) for p, j in jobs],
-            token=None, note=TOKEN_SHOWN_ONCE.replace("{client_id}", str(first["client_id"])),
+
+    def change() -> ProvisionedClientOut:
+        made = provision_client(
+            conn, name=body.name,
+            properties=[NewProperty(p.name, has_gas_supply=p.has_gas_supply) for p in body.properties],
+            actor=admin.actor, correlation_id=correlation_id(admin.actor, key),
         )
-    return ProvisionedClientOut(
-        client_id=made.client_id,
-        properties=[ProvisionedPropertyOut(property_id=p.property_id, job_id=p.job_id) for p in made.properties],
-        token=_issued(issued),
-    )
+        issued = issue_token(conn, client_id=made.client_id, label="issued at provisioning")
+        return ProvisionedClientOut(
+            client_id=made.client_id,
+            properties=[ProvisionedPropertyOut(property_id=p.property_id, job_id=p.job_id) for p in made.properties],
+            token=_issued(issued),
+        )
+
+    def without_secret(made: ProvisionedClientOut) -> ProvisionedClientOut:
+        return made.model_copy(update={"token": None, "note": _shown_once(made.client_id)})
+
+    return answer_once(conn, keyed(request, admin.actor, key, body.model_dump()), change, replay_as=without_secret)
+
+
+def _shown_once(client_id: int) -> str:
+    return TOKEN_SHOWN_ONCE.replace("{client_id}", str(client_id))
 
 
 @router.post("/clients/{client_id}/tokens", status_code=201, response_model=IssuedTokenOut,
              responses=replay_response(IssuedTokenOut))
 def issue_client_token(client_id: ClientId, body: TokenIn, admin: Admin, conn: Conn, key: IdempotencyKey,
-                       response: Response) -> IssuedTokenOut:
+                       request: Request) -> Any:
     """Issues another token for the client (rotation: issue, move callers, revoke the old one).
     The secret is in this response only; the server keeps its hash."""
-    cid = correlation_id(admin.actor, key)
-    with conn.transaction():
+
+    def change() -> IssuedTokenOut:
         if not admin_views.lock_client(conn, client_id):
             raise ClientNotFound(f"client {client_id} does not exist")
-        first = admin_views.audit_of_request(conn, AuditAction.CLIENT_TOKEN_ISSUED, cid, client_id=client_id)
-        if first is None:
-            issued = issue_token(conn, client_id=client_id, label=body.label)
-            audit.record(conn, AuditAction.CLIENT_TOKEN_ISSUED, admin.actor, client_id=client_id,
-                         correlation_id=cid, details={"token_id": issued.token_id})
-            return _issued(issued)
-    token = admin_views.token(conn, client_id, first["details"]["token_id"])
-    assert token is not None
-    mark_replayed(response)
-    return IssuedTokenOut(token_id=token["token_id"], token=None, label=token["label"],
-                          created_at=token["created_at"],
-                          note=TOKEN_SHOWN_ONCE.replace("{client_id}", str(client_id)))
+        issued = issue_token(conn, client_id=client_id, label=body.label)
+        audit.record(conn, AuditAction.CLIENT_TOKEN_ISSUED, admin.actor, client_id=client_id,
+                     correlation_id=correlation_id(admin.actor, key), details={"token_id": issued.token_id})
+        return _issued(issued)
+
+    def without_secret(made: IssuedTokenOut) -> IssuedTokenOut:
+        return made.model_copy(update={"token": None, "note": _shown_once(client_id)})
+
+    return answer_once(conn, keyed(request, admin.actor, key, body.model_dump()), change, replay_as=without_secret)
 
 
 @router.get("/clients/{client_id}/tokens", response_model=list[TokenOut])
@@ -205,22 +191,22 @@ def list_client_tokens(client_id: ClientId, _: Admin, conn: Conn) -> list[TokenO
 @router.delete("/clients/{client_id}/tokens/{token_id}", status_code=204, response_class=Response,
                responses=replay_response(TokenOut))
 def revoke_client_token(client_id: ClientId, token_id: TokenId, admin: Admin, conn: Conn,
-                        key: IdempotencyKey) -> Response:
-    """Revokes a token: the next request that presents it is refused."""
-    cid = correlation_id(admin.actor, key)
-    with conn.transaction():
+                        key: IdempotencyKey, request: Request) -> Response:
+    """Revokes a token: the next request that presents it is refused. A replay answers 200 with
+    the revoked token."""
+
+    def change() -> TokenOut:
         if not admin_views.lock_client(conn, client_id):
             raise ClientNotFound(f"client {client_id} does not exist")
-        first = admin_views.audit_of_request(conn, AuditAction.CLIENT_TOKEN_REVOKED, cid, client_id=client_id,
-                                             details={"token_id": token_id})
-        if first is None:
-            revoke_token(conn, client_id=client_id, token_id=token_id)
-            audit.record(conn, AuditAction.CLIENT_TOKEN_REVOKED, admin.actor, client_id=client_id,
-                         correlation_id=cid, details={"token_id": token_id})
-            return Response(status_code=204)
-    token = admin_views.token(conn, client_id, token_id)
-    assert token is not None
-    return JSONResponse(TokenOut(**token).model_dump(mode="json"), headers={REPLAYED_HEADER: "true"})
+        revoke_token(conn, client_id=client_id, token_id=token_id)
+        audit.record(conn, AuditAction.CLIENT_TOKEN_REVOKED, admin.actor, client_id=client_id,
+                     correlation_id=correlation_id(admin.actor, key), details={"token_id": token_id})
+        token = admin_views.token(conn, client_id, token_id)
+        assert token is not None
+        return TokenOut(**token)
+
+    answer = answer_once(conn, keyed(request, admin.actor, key), change)
+    return answer if isinstance(answer, Response) else Response(status_code=204, headers={KEY_HEADER: key})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +248,7 @@ def upload_document(
     store: Store,
     limits: Limits,
     key: IdempotencyKey,
-    response: Response,
+    request: Request,
     file: Annotated[UploadFile, File(description="A PDF or UTF-8 text file, not empty",
                                      json_schema_extra={"minLength": 1})],
     requirement_code: Annotated[Literal[REQUIREMENTS], Form(description="The requirement it evidences")],  # type: ignore[valid-type]
@@ -273,44 +259,48 @@ def upload_document(
     )] = None,
     status: Annotated[Literal["pending_verification", "verified"],
                       Form(description="An admin may add a document already verified")] = "pending_verification",
-) -> DocumentsAddedOut:
+) -> Any:
     """Adds a document to any property (trigger `admin_upload`); an admin may add it verified."""
-    cid = correlation_id(admin.actor, key)
     # One byte past the limit is enough for inspect_file to refuse an oversize file.
     content = file.file.read(limits.max_file_bytes + 1)
     inspected = inspect_file(IncomingFile(file.filename or "", content, file.content_type), limits)
-    try:
-        added = store_and_add_documents(
+    sent = [inspected.sha256, inspected.file_name, requirement_code, expires_at, status]
+
+    def change(record: Record) -> DocumentsAddedOut:
+        answer: list[DocumentsAddedOut] = []
+
+        def before_commit(tx: psycopg.Connection, added: DocumentsAdded) -> None:
+            documents = property_views.documents_by_ids(tx, property_id, list(added.document_ids))
+            answer.append(DocumentsAddedOut(
+                documents=[_document(d) for d in documents],
+                recalculation=RecalculationRef(job_id=added.job_id, property_id=property_id)))
+            record(tx, answer[0])
+
+        store_and_add_documents(
             conn, store, property_id=property_id, files=[(inspected, requirement_code, expires_at)],
             status=DocumentStatus(status), source=DocumentSource.ADMIN, actor=admin.actor,
-            trigger=TriggerReason.ADMIN_UPLOAD, correlation_id=cid,
+            trigger=TriggerReason.ADMIN_UPLOAD, correlation_id=correlation_id(admin.actor, key),
+            reconnect=request.app.state.runtime.connection, before_commit=before_commit,
         )
-    except DuplicateRequest as replay:
-        mark_replayed(response)
-        documents = property_views.documents_uploaded_by_request(conn, property_id, cid)
-        return DocumentsAddedOut(documents=[_document(d) for d in documents],
-                                 recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
-    documents = property_views.documents_by_ids(conn, property_id, list(added.document_ids))
-    return DocumentsAddedOut(documents=[_document(d) for d in documents],
-                             recalculation=RecalculationRef(job_id=added.job_id, property_id=property_id))
+        return answer[0]
+
+    return answer_once_within(conn, keyed(request, admin.actor, key, sent), change)
 
 
 @router.delete("/documents/{document_id}", response_model=DocumentDeletedOut,
                responses=replay_response(DocumentDeletedOut))
 def delete_any_document(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKey,
-                        response: Response) -> DocumentDeletedOut:
+                        request: Request) -> Any:
     """Soft-deletes a document of any property (trigger `admin_delete`); its file is kept."""
-    cid = correlation_id(admin.actor, key)
-    try:
+
+    def change() -> DocumentDeletedOut:
         changed = delete_document(conn, document_id=document_id, actor=admin.actor,
-                                  trigger=TriggerReason.ADMIN_DELETE, correlation_id=cid)
-    except DuplicateRequest as replay:
-        mark_replayed(response)
-        property_id = property_of_document(conn, document_id)
-        return DocumentDeletedOut(document_id=document_id, property_id=property_id,
-                                  recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
-    return DocumentDeletedOut(document_id=document_id, property_id=changed.property_id,
-                              recalculation=RecalculationRef(job_id=changed.job_id, property_id=changed.property_id))
+                                  trigger=TriggerReason.ADMIN_DELETE, correlation_id=correlation_id(admin.actor, key))
+        return DocumentDeletedOut(document_id=document_id, property_id=changed.property_id,
+                                  recalculation=RecalculationRef(job_id=changed.job_id,
+                                                                 property_id=changed.property_id))
+
+    return answer_once(conn, keyed(request, admin.actor, key), change)
 
 
 def _changed(conn: psycopg.Connection, document_id: int, job_id: int | None) -> DocumentChangedOut:
@@ -323,31 +313,29 @@ def _changed(conn: psycopg.Connection, document_id: int, job_id: int | None) -> 
 
 @router.post("/documents/{document_id}/verify", response_model=DocumentChangedOut,
              responses={**CONFLICT_RESPONSES, **replay_response(DocumentChangedOut)})
-def verify(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKey,
-           response: Response) -> DocumentChangedOut:
+def verify(document_id: DocumentId, admin: Admin, conn: Conn, key: IdempotencyKey, request: Request) -> Any:
     """Marks a document verified (trigger `verify`); 409 if it already is."""
-    cid = correlation_id(admin.actor, key)
-    try:
-        changed = verify_document(conn, document_id=document_id, actor=admin.actor, correlation_id=cid)
-    except DuplicateRequest as replay:
-        mark_replayed(response)
-        return _changed(conn, document_id, replay.job_id)
-    return _changed(conn, document_id, changed.job_id)
+
+    def change() -> DocumentChangedOut:
+        changed = verify_document(conn, document_id=document_id, actor=admin.actor,
+                                  correlation_id=correlation_id(admin.actor, key))
+        return _changed(conn, document_id, changed.job_id)
+
+    return answer_once(conn, keyed(request, admin.actor, key), change)
 
 
 @router.post("/documents/{document_id}/reject", response_model=DocumentChangedOut,
              responses={**CONFLICT_RESPONSES, **replay_response(DocumentChangedOut)})
 def reject(document_id: DocumentId, body: RejectIn, admin: Admin, conn: Conn, key: IdempotencyKey,
-           response: Response) -> DocumentChangedOut:
+           request: Request) -> Any:
     """Marks a document rejected with a reason (trigger `reject`); 409 if it already is."""
-    cid = correlation_id(admin.actor, key)
-    try:
+
+    def change() -> DocumentChangedOut:
         changed = reject_document(conn, document_id=document_id, reason=body.reason, actor=admin.actor,
-                                  correlation_id=cid)
-    except DuplicateRequest as replay:
-        mark_replayed(response)
-        return _changed(conn, document_id, replay.job_id)
-    return _changed(conn, document_id, changed.job_id)
+                                  correlation_id=correlation_id(admin.actor, key))
+        return _changed(conn, document_id, changed.job_id)
+
+    return answer_once(conn, keyed(request, admin.actor, key, body.model_dump()), change)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,17 +403,15 @@ class RecalcStatusOut(BaseModel):
 
 @router.post("/properties/{property_id}/recalculate", status_code=202, response_model=RecalculationRef,
              responses=replay_response(RecalculationRef))
-def recalculate(property_id: PropertyId, admin: Admin, conn: Conn, key: IdempotencyKey,
-                response: Response) -> RecalculationRef:
+def recalculate(property_id: PropertyId, admin: Admin, conn: Conn, key: IdempotencyKey, request: Request) -> Any:
     """Queues a fresh recalculation (trigger `manual_recalculation`); it also checks for drift."""
-    cid = correlation_id(admin.actor, key)
-    try:
-        job_id = request_manual_recalculation(conn, property_id, actor=admin.actor, correlation_id=cid)
-    except DuplicateRequest as replay:
-        mark_replayed(response)
-        assert replay.job_id is not None
-        job_id = replay.job_id
-    return RecalculationRef(job_id=job_id, property_id=property_id)
+
+    def change() -> RecalculationRef:
+        job_id = request_manual_recalculation(conn, property_id, actor=admin.actor,
+                                              correlation_id=correlation_id(admin.actor, key))
+        return RecalculationRef(job_id=job_id, property_id=property_id)
+
+    return answer_once(conn, keyed(request, admin.actor, key), change)
 
 
 @router.get("/properties/{property_id}/compliance-score-history", response_model=ScoreHistoryOut)

@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from api.dependencies import Conn, IdempotencyKey, correlation_id, mark_replayed, replay_response
+from api.dependencies import Conn, IdempotencyKey, correlation_id, replay_response
+from api.idempotency import answer_once, keyed
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES
 from api.security import Admin
 from outbox import JobStatus, lifecycle
@@ -123,24 +124,21 @@ def get_job(job_id: JobId, _: Admin, conn: Conn) -> Any:
 
 @router.post("/jobs/{job_id}/requeue", response_model=RequeuedOut,
              responses={**CONFLICT_RESPONSES, **replay_response(RequeuedOut)})
-def requeue(job_id: JobId, admin: Admin, conn: Conn, key: IdempotencyKey, response: Response) -> RequeuedOut:
+def requeue(job_id: JobId, admin: Admin, conn: Conn, key: IdempotencyKey, request: Request) -> Any:
     """Gives a DEAD job a fresh set of attempts; 409 if the job is not dead."""
-    cid = correlation_id(admin.actor, key)
-    with conn.transaction():
+
+    def change() -> RequeuedOut:
         current = admin_views.lock_job(conn, job_id)
         if current is None:
             raise NotFound(f"job {job_id} does not exist")
-        first = admin_views.audit_of_request(conn, AuditAction.JOB_REQUEUED, cid, job_id=job_id)
-        if first is None:
-            if current != JobStatus.DEAD:
-                raise InvalidTransition(f"job {job_id} is {current}; only a dead job can be requeued")
-            runs = lifecycle.requeue(conn, job_id)
-            if runs is None:
-                raise InvalidTransition(f"job {job_id}'s key is held by another active job; "
-                                        "requeue it once that one has finished")
-            audit.record(conn, AuditAction.JOB_REQUEUED, admin.actor, job_id=job_id,
-                         correlation_id=cid, details={"runs_as": runs})
-        else:
-            runs = first["details"]["runs_as"]
-            mark_replayed(response)
-    return RequeuedOut(job_id=runs, status=admin_views.job_status(conn, runs))
+        if current != JobStatus.DEAD:
+            raise InvalidTransition(f"job {job_id} is {current}; only a dead job can be requeued")
+        runs = lifecycle.requeue(conn, job_id)
+        if runs is None:
+            raise InvalidTransition(f"job {job_id}'s key is held by another active job; "
+                                    "requeue it once that one has finished")
+        audit.record(conn, AuditAction.JOB_REQUEUED, admin.actor, job_id=job_id,
+                     correlation_id=correlation_id(admin.actor, key), details={"runs_as": runs})
+        return RequeuedOut(job_id=runs, status=admin_views.job_status(conn, runs))
+
+    return answer_once(conn, keyed(request, admin.actor, key), change)

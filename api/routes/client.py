@@ -13,27 +13,19 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 import psycopg
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from api.dependencies import (
-    REPLAYED_HEADER,
-    Conn,
-    IdempotencyKey,
-    Limits,
-    Store,
-    correlation_id,
-    mark_replayed,
-    replay_response,
-)
+from api.dependencies import Conn, IdempotencyKey, Limits, Store, correlation_id, replay_response
+from api.idempotency import REPLAYED_HEADER, Record, answer_once, answer_once_within, keyed
 from api.problems import COMMON_RESPONSES, PROBLEM_MEDIA_TYPE, UPLOAD_RESPONSES, Problem
 from api.schemas import DocumentOut, PropertyOut, RecalculationRef, StrictModel
 from api.security import Client, ClientCaller, require_client
 from services import property_views
 from services.ai_suggestions import apply_suggestion, suggest_for_document
-from services.documents import MAX_DOCUMENTS_PER_REQUEST, DocumentSource, delete_document
-from services.errors import DuplicateRequest, InvalidInput, PayloadTooLarge, UnsupportedContent
+from services.documents import MAX_DOCUMENTS_PER_REQUEST, DocumentsAdded, DocumentSource, delete_document
+from services.errors import InvalidInput, PayloadTooLarge, UnsupportedContent
 from services.extraction import Suggestion
 from services.file_store import FileStore
 from services.properties import NewProperty, create_property
@@ -46,7 +38,7 @@ from services.uploads import (
     store_and_add_documents,
     unpack_zip,
 )
-from services.vocabulary import AuditAction, TriggerReason
+from services.vocabulary import TriggerReason
 
 router = APIRouter(prefix="/api", tags=["client"], responses=COMMON_RESPONSES)
 
@@ -170,28 +162,19 @@ _MULTIPART_CLIENT = [Depends(require_client), Depends(_multipart_only)]
 
 @router.post("/properties", status_code=201, response_model=CreatedPropertyOut, dependencies=_JSON_CLIENT,
              responses={**replay_response(CreatedPropertyOut), **_WRONG_MEDIA_TYPE, 413: UPLOAD_RESPONSES[413]})
-def create_client_property(
-    body: NewPropertyIn, caller: Client, conn: Conn, key: IdempotencyKey, response: Response
-) -> CreatedPropertyOut:
+def create_client_property(body: NewPropertyIn, caller: Client, conn: Conn, key: IdempotencyKey,
+                           request: Request) -> Any:
     """Creates a property; its first score is computed in the background (`status: updating`)."""
-    cid = correlation_id(caller.actor, key)
-    replayed = False
-    try:
+
+    def change() -> CreatedPropertyOut:
         created = create_property(conn, client_id=caller.client_id, new=NewProperty(body.name, body.has_gas_supply),
-                                  actor=caller.actor, correlation_id=cid)
-        property_id, job_id = created.property_id, created.job_id
-    except DuplicateRequest as replay:
-        found = property_views.property_created_by_request(conn, caller.client_id, cid)
-        if found is None or replay.job_id is None:
-            raise _key_reused() from replay
-        property_id, job_id, replayed = found, replay.job_id, True
-    view = property_views.owned_property(conn, caller.client_id, property_id)
-    if replayed:
-        if (view.name, view.has_gas_supply) != (body.name, body.has_gas_supply):
-            raise _key_reused()  # the key made a property with other values: another request
-        mark_replayed(response)
-    return CreatedPropertyOut(**_property_out(view).model_dump(),
-                              recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
+                                  actor=caller.actor, correlation_id=correlation_id(caller.actor, key))
+        view = property_views.owned_property(conn, caller.client_id, created.property_id)
+        return CreatedPropertyOut(**_property_out(view).model_dump(),
+                                  recalculation=RecalculationRef(job_id=created.job_id,
+                                                                 property_id=created.property_id))
+
+    return answer_once(conn, keyed(request, caller.actor, key, body.model_dump()), change)
 
 
 @router.get("/properties", response_model=PropertyPageOut)
@@ -230,16 +213,15 @@ def upload_client_document(
     limits: Limits,
     key: IdempotencyKey,
     request: Request,
-    response: Response,
     expires_at: Annotated[OptionalDate, Form(description="YYYY-MM-DD; the document is valid through this date; "
                                              "empty or absent: it does not expire",
                                              json_schema_extra=_DATE_OR_EMPTY_SCHEMA)] = None,
-) -> DocumentsAddedOut:
+) -> Any:
     """Uploads one document; the score is recomputed in the background."""
     property_views.owned_property(conn, caller.client_id, property_id)
     inspected = _inspect(file, limits, "file")
-    return _add_documents(request, conn, store, response, caller, property_id, [(inspected, requirement_code,
-                          expires_at)], TriggerReason.CLIENT_UPLOAD, correlation_id(caller.actor, key))
+    return _add_documents(request, conn, store, caller, property_id, [(inspected, requirement_code, expires_at)],
+                          TriggerReason.CLIENT_UPLOAD, key)
 
 
 @router.post("/properties/{property_id}/documents/bulk", status_code=201, response_model=DocumentsAddedOut,
@@ -261,12 +243,11 @@ def upload_client_documents(
     limits: Limits,
     key: IdempotencyKey,
     request: Request,
-    response: Response,
     expires_at: Annotated[list[OptionalDate] | None, Form(
         description="Absent, or one per file in the order of `files` (YYYY-MM-DD; empty: does not expire)",
         json_schema_extra={"anyOf": None, "type": "array", "items": _DATE_OR_EMPTY_SCHEMA,
                            "maxItems": MAX_DOCUMENTS_PER_REQUEST})] = None,
-) -> DocumentsAddedOut:
+) -> Any:
     """Uploads several documents at once: all of them or none, one recalculation."""
     property_views.owned_property(conn, caller.client_id, property_id)
     if len(files) > limits.max_files:
@@ -279,9 +260,9 @@ def upload_client_documents(
         raise _invalid(f"expires_at needs one value per file (empty for none): {len(files)} files, "
                        f"{len(expiries)} values", "expires_at", "one_per_file")
     inspected = [_inspect(f, limits, f"files.{i}") for i, f in enumerate(files)]
-    return _add_documents(request, conn, store, response, caller, property_id,
+    return _add_documents(request, conn, store, caller, property_id,
                           list(zip(inspected, requirement_codes, expiries, strict=True)),
-                          TriggerReason.CLIENT_BULK_UPLOAD, correlation_id(caller.actor, key))
+                          TriggerReason.CLIENT_BULK_UPLOAD, key)
 
 
 @router.post("/properties/{property_id}/documents/zip", status_code=201, response_model=DocumentsAddedOut,
@@ -298,16 +279,15 @@ def upload_client_zip(
     limits: Limits,
     key: IdempotencyKey,
     request: Request,
-    response: Response,
-) -> DocumentsAddedOut:
+) -> Any:
     """Uploads a ZIP archive's documents: all of them or none, one recalculation. Unsafe
     archives (bombs, traversal, links, nested archives, encryption) are refused whole."""
     property_views.owned_property(conn, caller.client_id, property_id)
     content = _read_bounded(archive, limits.max_zip_bytes, "archive")
     entries = unpack_zip(content, limits, field="archive")
-    return _add_documents(request, conn, store, response, caller, property_id,
+    return _add_documents(request, conn, store, caller, property_id,
                           [(e.inspected, e.requirement_code, None) for e in entries],
-                          TriggerReason.CLIENT_ZIP_UPLOAD, correlation_id(caller.actor, key))
+                          TriggerReason.CLIENT_ZIP_UPLOAD, key)
 
 
 # `:int`: without it `.../documents/bulk` and `.../documents/zip` would also match this path (as
@@ -319,25 +299,19 @@ def upload_client_zip(
                                                               "schema": {"type": "string"}}}}})
 def delete_client_document(
     property_id: PropertyId, document_id: DocumentId, caller: Client, conn: Conn, key: IdempotencyKey,
-    response: Response,
-) -> DocumentDeletedOut:
+    request: Request,
+) -> Any:
     """Deletes a document (it stops counting towards the score)."""
-    property_views.owned_property(conn, caller.client_id, property_id)
-    # A deleted one too: its replayed delete must reach the service's replay check.
-    property_views.document_of_property(conn, property_id, document_id, include_deleted=True)
-    cid = correlation_id(caller.actor, key)
-    try:
+
+    def change() -> DocumentDeletedOut:
+        property_views.owned_property(conn, caller.client_id, property_id)
+        property_views.document_of_property(conn, property_id, document_id)
         changed = delete_document(conn, document_id=document_id, actor=caller.actor,
-                                  trigger=TriggerReason.CLIENT_DELETE, correlation_id=cid)
-        job_id = changed.job_id
-    except DuplicateRequest as replay:
-        if replay.job_id is None or not property_views.document_changed_by_request(
-                conn, property_id, document_id, AuditAction.DOCUMENT_DELETED, cid):
-            raise _key_reused() from replay
-        job_id = replay.job_id
-        mark_replayed(response)
-    return DocumentDeletedOut(document_id=document_id,
-                              recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
+                                  trigger=TriggerReason.CLIENT_DELETE, correlation_id=correlation_id(caller.actor, key))
+        return DocumentDeletedOut(document_id=document_id,
+                                  recalculation=RecalculationRef(job_id=changed.job_id, property_id=property_id))
+
+    return answer_once(conn, keyed(request, caller.actor, key), change)
 
 
 @router.get("/properties/{property_id}/documents/{document_id}/ai-suggestion", response_model=SuggestionOut)
@@ -358,26 +332,21 @@ def suggest_for_client_document(
                                                             "schema": {"type": "string"}}}}})
 def apply_client_suggestion(
     property_id: PropertyId, document_id: DocumentId, caller: Client, conn: Conn, store: Store, key: IdempotencyKey,
-    response: Response,
-) -> AiAppliedOut:
+    request: Request,
+) -> Any:
     """Applies the extractor's suggestion (recomputed from the stored file) to the document; a
     field it did not find keeps its value. Nothing found: 422 `nothing_to_apply`."""
-    property_views.owned_property(conn, caller.client_id, property_id)
-    property_views.document_of_property(conn, property_id, document_id)
-    cid = correlation_id(caller.actor, key)
-    try:
+
+    def change() -> AiAppliedOut:
+        property_views.owned_property(conn, caller.client_id, property_id)
+        property_views.document_of_property(conn, property_id, document_id)
         suggestion, changed = apply_suggestion(conn, store, document_id=document_id, actor=caller.actor,
-                                               correlation_id=cid)
-        job_id = changed.job_id
-    except DuplicateRequest as replay:
-        if replay.job_id is None or not property_views.document_changed_by_request(
-                conn, property_id, document_id, AuditAction.AI_SUGGESTION_APPLIED, cid):
-            raise _key_reused() from replay
-        suggestion, job_id = suggest_for_document(conn, store, document_id=document_id), replay.job_id
-        mark_replayed(response)
-    document = property_views.document_of_property(conn, property_id, document_id, include_deleted=True)
-    return AiAppliedOut(suggestion=_suggestion_out(suggestion), document=_document_out(document),
-                        recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
+                                               correlation_id=correlation_id(caller.actor, key))
+        document = property_views.document_of_property(conn, property_id, document_id)
+        return AiAppliedOut(suggestion=_suggestion_out(suggestion), document=_document_out(document),
+                            recalculation=RecalculationRef(job_id=changed.job_id, property_id=property_id))
+
+    return answer_once(conn, keyed(request, caller.actor, key), change)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -401,37 +370,33 @@ def _add_documents(
     request: Request,
     conn: psycopg.Connection,
     store: FileStore,
-    response: Response,
     caller: ClientCaller,
     property_id: int,
     files: list[tuple[InspectedFile, str, date | None]],
     trigger: TriggerReason,
-    cid: str,
-) -> DocumentsAddedOut:
-    try:
-        added = store_and_add_documents(conn, store, property_id=property_id, files=files,
-                                        source=DocumentSource.CLIENT, actor=caller.actor, trigger=trigger,
-                                        correlation_id=cid, reconnect=request.app.state.runtime.connection)
-        document_ids, job_id = list(added.document_ids), added.job_id
-    except DuplicateRequest as replay:
-        documents = property_views.documents_uploaded_by_request(conn, property_id, cid)
-        # A retry sends the same files; other files under a spent key are another request.
-        sent = sorted((file.sha256, file.file_name) for file, _, _ in files)
-        if replay.job_id is None or sorted((d.sha256, d.file_name) for d in documents) != sent:
-            raise _key_reused() from replay
-        mark_replayed(response)
-        return DocumentsAddedOut(documents=[_document_out(d) for d in documents],
-                                 recalculation=RecalculationRef(job_id=replay.job_id, property_id=property_id))
-    documents = property_views.documents_by_ids(conn, property_id, document_ids)
+    key: str,
+) -> Any:
+    sent = [[file.sha256, file.file_name, code, expires_at] for file, code, expires_at in files]
+
+    def change(record: Record) -> DocumentsAddedOut:
+        answer: list[DocumentsAddedOut] = []
+
+        def before_commit(tx: psycopg.Connection, added: DocumentsAdded) -> None:
+            answer.append(added_documents_out(tx, property_id, added))
+            record(tx, answer[0])
+
+        store_and_add_documents(conn, store, property_id=property_id, files=files, source=DocumentSource.CLIENT,
+                                actor=caller.actor, trigger=trigger, correlation_id=correlation_id(caller.actor, key),
+                                reconnect=request.app.state.runtime.connection, before_commit=before_commit)
+        return answer[0]
+
+    return answer_once_within(conn, keyed(request, caller.actor, key, sent), change)
+
+
+def added_documents_out(conn: psycopg.Connection, property_id: int, added: DocumentsAdded) -> DocumentsAddedOut:
+    documents = property_views.documents_by_ids(conn, property_id, list(added.document_ids))
     return DocumentsAddedOut(documents=[_document_out(d) for d in documents],
-                             recalculation=RecalculationRef(job_id=job_id, property_id=property_id))
-
-
-def _key_reused() -> InvalidInput:
-    """A key already spent on a different request: answering with that request's result would
-    tell the caller this one happened when it did not (the IETF Idempotency-Key draft: 422)."""
-    return InvalidInput("this Idempotency-Key was already used for a different request; use a new key",
-                        field="header.Idempotency-Key", rule="reused_for_another_request")
+                             recalculation=RecalculationRef(job_id=added.job_id, property_id=property_id))
 
 
 def _invalid(message: str, field: str, rule: str) -> InvalidInput:

@@ -71,26 +71,6 @@ SELECT j.id AS job_id, j.task, j.coalescing_key, j.status::text AS status, j.att
 -- name: admin_job_status
 SELECT status::text AS status FROM outbox_job WHERE id = %(job_id)s
 
--- name: admin_jobs_of_request
--- The job each of these properties joined under this correlation id, by property id.
-SELECT p.id AS property_id, r.job_id
-  FROM unnest(%(property_ids)s::bigint[]) AS p(id)
-  JOIN outbox_request r ON r.coalescing_key = 'property:' || p.id AND r.correlation_id = %(correlation_id)s
- ORDER BY p.id
-
--- name: admin_audit_of_request
--- The audit row an admin action with this correlation id left on this client or job, whose
--- details contain %(details)s (the answer to its replay). ix_audit_log_action narrows the scan
--- to one action, and these actions are rare.
-SELECT a.client_id, a.job_id, a.details
-  FROM audit_log a
- WHERE a.action = %(action)s AND a.correlation_id = %(correlation_id)s
-   AND (%(client_id)s::bigint IS NULL OR a.client_id = %(client_id)s::bigint)
-   AND (%(job_id)s::bigint IS NULL OR a.job_id = %(job_id)s::bigint)
-   AND a.details @> %(details)s
- ORDER BY a.id
- LIMIT 1
-
 -- name: admin_token
 SELECT id AS token_id, label, created_at, revoked_at
   FROM client_tokens

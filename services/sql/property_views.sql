@@ -51,30 +51,3 @@ SELECT d.id, d.property_id, d.requirement_code::text AS requirement_code, d.stat
   FROM documents d
  WHERE d.id = %(document_id)s AND d.property_id = %(property_id)s
    AND (d.deleted_at IS NULL OR %(include_deleted)s)
-
--- name: pv_documents_uploaded_by_request
--- The document ids an upload with this correlation id added to this property.
-SELECT a.details -> 'document_ids' AS document_ids
-  FROM audit_log a
- WHERE a.property_id = %(property_id)s AND a.action = 'DOCUMENT_UPLOADED'
-   AND a.correlation_id = %(correlation_id)s
- ORDER BY a.id
- LIMIT 1
-
--- name: pv_property_created_by_request
--- The property this client created under this correlation id (a replayed creation).
-SELECT p.id
-  FROM properties p
-  JOIN outbox_request r ON r.coalescing_key = 'property:' || p.id AND r.correlation_id = %(correlation_id)s
- WHERE p.client_id = %(client_id)s AND r.trigger_reason = 'property_create'
- ORDER BY p.id
- LIMIT 1
-
--- name: pv_document_changed_by_request
--- Whether a change of this kind (DOCUMENT_DELETED, AI_SUGGESTION_APPLIED) to this document
--- was made under this correlation id: a replay answers for it only if it was.
-SELECT 1
-  FROM audit_log a
- WHERE a.property_id = %(property_id)s AND a.action = %(action)s
-   AND a.correlation_id = %(correlation_id)s AND a.details ->> 'document_id' = %(document_id)s::text
- LIMIT 1

@@ -13,8 +13,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from outbox import lifecycle
 from services.scoring import DocumentStatus
 from services.vocabulary import RECALCULATE_TASK
+from tests.harness.api import new_tenant
 from tests.harness.data import new_document, provision, upload
 from tests.harness.system import Process
 
@@ -29,6 +31,20 @@ def property_with_one_job(database_url: str) -> tuple[int, int]:
         ).fetchall()
     assert len(jobs) == 1, f"expected the upload to join the provisioning job, got {jobs}"
     return property_id, jobs[0][0]
+
+
+def dead_job(database_url: str) -> tuple[int, int]:
+    """A property whose only job failed for good: (property id, job id)."""
+    other = new_tenant(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        [job_id] = [r[0] for r in conn.execute(
+            "SELECT id FROM outbox_job WHERE coalescing_key = %s", [f"property:{other.property_ids[0]}"]
+        )]
+        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
+        assert started.outcome == "started"
+        assert lifecycle.fail(conn, job_id, started.attempt, error="boom: bad data", retryable=False,
+                              retry_in_seconds=0) == "dead"
+    return other.property_ids[0], job_id
 
 
 def job_row(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:

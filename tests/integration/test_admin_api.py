@@ -25,6 +25,7 @@ from services.documents import NewDocument
 from services.scoring import DocumentStatus
 from tests.harness.api import ADMIN_HEADERS, ADMIN_KEY, TenantClient, api_settings, new_tenant, running_api
 from tests.harness.data import new_document, upload
+from tests.harness.jobs import dead_job
 
 FAR = date(2031, 6, 30)
 #: How the outbox records the test admin key as an actor: the first 12 hex digits of its SHA-256.
@@ -387,20 +388,6 @@ def _mutations(tenant: TenantClient, document_id: int, dead_job_id: int) -> dict
     }
 
 
-def make_dead_job(database_url: str) -> tuple[int, int]:
-    """A property whose only job failed for good: (property id, job id)."""
-    other = new_tenant(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        [job_id] = [r[0] for r in conn.execute(
-            "SELECT id FROM outbox_job WHERE coalescing_key = %s", [f"property:{other.property_ids[0]}"]
-        )]
-        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
-        assert started.outcome == "started"
-        assert lifecycle.fail(conn, job_id, started.attempt, error="boom: bad data", retryable=False,
-                              retry_in_seconds=0) == "dead"
-    return other.property_ids[0], job_id
-
-
 #: What the same mutation answers when sent a third time under a fresh key.
 AGAIN_WITH_A_NEW_KEY = {"provision": 201, "issue token": 201, "upload": 201, "verify": 409, "reject": 409,
                         "delete": 404, "recalculate": 202, "requeue": 409}
@@ -412,7 +399,7 @@ def test_a_mutation_sent_twice_with_one_idempotency_key_has_the_effect_of_one(
     mutation: str, api: TestClient, db: psycopg.Connection, tenant: TenantClient, database_url: str
 ) -> None:
     document_id = add_document(database_url, tenant.property_ids[0])
-    _, dead_job_id = make_dead_job(database_url)
+    _, dead_job_id = dead_job(database_url)
     send = _mutations(tenant, document_id, dead_job_id)[mutation]
     headers = {**ADMIN_HEADERS, **key()}
 
@@ -492,7 +479,7 @@ def test_verifying_a_verified_document_or_rejecting_a_rejected_one_is_a_409_that
 def test_a_dead_job_requeued_through_the_api_is_pending_again_with_fresh_attempts(
     api: TestClient, db: psycopg.Connection, database_url: str
 ) -> None:
-    property_id, job_id = make_dead_job(database_url)
+    property_id, job_id = dead_job(database_url)
     dead = api.get("/api/admin/jobs", headers=ADMIN_HEADERS, params={"status": "dead"}).json()["jobs"]
     assert [j["job_id"] for j in dead] == [job_id] and dead[0]["last_error"] == "boom: bad data"
     status = api.get(f"/api/admin/properties/{property_id}/compliance-recalc-status", headers=ADMIN_HEADERS).json()
@@ -515,7 +502,7 @@ def test_a_dead_job_requeued_through_the_api_is_pending_again_with_fresh_attempt
 def test_a_job_read_by_id_lists_every_attempt_of_every_run_with_its_error_worker_and_task_id(
     api: TestClient, db: psycopg.Connection, database_url: str
 ) -> None:
-    _, job_id = make_dead_job(database_url)
+    _, job_id = dead_job(database_url)
     first_task_id = db.execute("SELECT celery_task_id::text AS t FROM outbox_job WHERE id = %s",
                                [job_id]).fetchone()["t"]
     assert api.post(f"/api/admin/jobs/{job_id}/requeue", headers=ADMIN_HEADERS).status_code == 200
@@ -618,7 +605,7 @@ def test_the_queue_shows_the_view_rows_with_waiting_jobs_counted(
     api: TestClient, db: psycopg.Connection, database_url: str
 ) -> None:
     new_tenant(database_url, n_properties=3)
-    make_dead_job(database_url)
+    dead_job(database_url)
 
     response = api.get("/api/admin/queue", headers=ADMIN_HEADERS)
 
@@ -638,7 +625,7 @@ def test_the_job_list_filters_by_status_key_and_task_and_pages_newest_first(
     api: TestClient, database_url: str
 ) -> None:
     tenant = new_tenant(database_url, n_properties=3)
-    _, dead_job = make_dead_job(database_url)
+    _, dead_job_id = dead_job(database_url)
     first, second, third = tenant.property_ids
 
     page1 = api.get("/api/admin/jobs", headers=ADMIN_HEADERS, params={"status": "pending", "limit": 2}).json()
@@ -651,7 +638,7 @@ def test_the_job_list_filters_by_status_key_and_task_and_pages_newest_first(
     assert [j["coalescing_key"] for j in page2["jobs"]] == [f"property:{first}"]
     assert page2["next_before_id"] is None
     assert [j["coalescing_key"] for j in by_key["jobs"]] == [f"property:{second}"]
-    assert dead_job not in {j["job_id"] for j in page1["jobs"] + page2["jobs"]}
+    assert dead_job_id not in {j["job_id"] for j in page1["jobs"] + page2["jobs"]}
     assert other_task == {"jobs": [], "next_before_id": None}
 
 
