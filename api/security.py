@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from api.dependencies import Conn
 from services import client_tokens
 from services.vocabulary import Actor, ActorType
 
@@ -69,9 +68,14 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(_api_key)
 
 
 def require_client(
-    conn: Conn, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> ClientCaller:
-    client_id = client_tokens.authenticate(conn, credentials.credentials) if credentials else None
+    """Checks the token on a connection of its own, given back at once: a route that holds no
+    connection while it works (a first extraction, a stream) holds none for authentication."""
+    client_id = None
+    if credentials:
+        with request.app.state.runtime.connection() as conn:
+            client_id = client_tokens.authenticate(conn, credentials.credentials)
     if client_id is None:
         raise _unauthorized("Bearer", "a valid client token is required: Authorization: Bearer <token>")
     return ClientCaller(client_id, Actor(ActorType.CLIENT, str(client_id)))

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import Any
 
 from pypdf import PdfReader
 
@@ -22,12 +23,15 @@ from services.errors import UnsupportedContent
 from services.scoring import REQUIREMENTS
 from services.uploads import ACCEPTED_TYPES, FileKind
 
-EXTRACTOR_VERSION = "keywords-2"
+EXTRACTOR_VERSION = "keywords-3"
 #: Certificates are a few pages; a long file is read this far, and the notes say so.
 MAX_PAGES = 50
 #: And at most this much of their text (a certificate has a few thousand characters a page):
 #: the work per document is bounded, so a crafted 10 MiB text cannot hold a request for seconds.
 MAX_TEXT_CHARS = 100_000
+#: A page's drawing instructions beyond this are not laid out for text (a certificate page has a
+#: few tens of KB); pypdf's text layout is what costs seconds on a crafted page.
+MAX_PAGE_CONTENT_BYTES = 2_000_000
 
 #: Phrases per requirement and what each is worth. A document names its own type in full or
 #: by its usual abbreviation (3); other phrases only lean towards a type. Each phrase counts
@@ -190,9 +194,20 @@ def _read_pages(content: bytes, kind: FileKind) -> tuple[list[str], list[str]]:
                                  rule="content_type", valid_values=ACCEPTED_TYPES) from None
     pages: list[str] = []
     notes: list[str] = []
+    read = 0
     for number in range(min(total, MAX_PAGES)):
+        if read >= MAX_TEXT_CHARS:
+            break  # the text budget is spent: later pages would be cut away unread anyway
         try:
-            pages.append(reader.pages[number].extract_text() or "")
+            page = reader.pages[number]
+            size = _content_bytes(page)
+            if size > MAX_PAGE_CONTENT_BYTES:
+                pages.append("")
+                notes.append(f"page {number + 1}: not read, its content is {size:,} bytes "
+                             f"(at most {MAX_PAGE_CONTENT_BYTES:,} are read)")
+                continue
+            pages.append(page.extract_text() or "")
+            read += len(pages[-1])
         except Exception as error:
             pages.append("")
             notes.append(f"page {number + 1}: no text could be extracted ({type(error).__name__})")
@@ -330,3 +345,8 @@ def _snippet(text: str, match: re.Match[str], end: int | None = None, width: int
     line_end = len(text) if line_end == -1 else line_end
     start = max(line_start, min(match.start(), line_end - width))
     return " ".join(text[start : min(line_end, start + width)].split())
+
+
+def _content_bytes(page: Any) -> int:
+    contents = page.get_contents()
+    return len(contents.get_data()) if contents is not None else 0

@@ -619,6 +619,7 @@ def remove_orphans(conn: psycopg.Connection, store: FileStore, older_than: timed
             if not (locked and locked[0]) or _referenced(conn, [sha256]):
                 continue
             if store.discard(sha256):
+                conn.execute(QUERIES["forget_file_suggestions"], {"sha256": sha256})
                 removed.append(sha256)
     store.discard_stale_temporaries(older_than)
     return removed

@@ -23,7 +23,7 @@ from api.problems import COMMON_RESPONSES, PROBLEM_MEDIA_TYPE, UPLOAD_RESPONSES,
 from api.schemas import DocumentOut, PropertyOut, RecalculationRef, StrictModel
 from api.security import Client, ClientCaller, require_client
 from services import property_views
-from services.ai_suggestions import apply_suggestion, suggest_for_document
+from services.ai_suggestions import apply_suggestion, suggest_holding_no_connection
 from services.documents import MAX_DOCUMENTS_PER_REQUEST, DocumentsAdded, DocumentSource, delete_document
 from services.errors import InvalidInput, PayloadTooLarge, UnsupportedContent
 from services.extraction import Suggestion
@@ -316,13 +316,18 @@ def delete_client_document(
 
 @router.get("/properties/{property_id}/documents/{document_id}/ai-suggestion", response_model=SuggestionOut)
 def suggest_for_client_document(
-    property_id: PropertyId, document_id: DocumentId, caller: Client, conn: Conn, store: Store
+    property_id: PropertyId, document_id: DocumentId, caller: Client, store: Store, request: Request
 ) -> SuggestionOut:
     """What the extractor reads in the document: its requirement type and expiry date, the
-    text each was found in, and notes on what it could not find. Changes nothing."""
-    property_views.owned_property(conn, caller.client_id, property_id)
-    property_views.document_of_property(conn, property_id, document_id)
-    return _suggestion_out(suggest_for_document(conn, store, document_id=document_id))
+    text each was found in, and notes on what it could not find. Changes nothing. Read once
+    per file: later calls answer from what the first one found."""
+    # No pooled connection for the whole request: the first read of a large file takes a while,
+    # and holding a connection through it would take one from every other caller.
+    connect = request.app.state.runtime.connection
+    with connect() as conn:
+        property_views.owned_property(conn, caller.client_id, property_id)
+        property_views.document_of_property(conn, property_id, document_id)
+    return _suggestion_out(suggest_holding_no_connection(connect, store, document_id=document_id))
 
 
 @router.post("/properties/{property_id}/documents/{document_id}/ai-apply", response_model=AiAppliedOut,

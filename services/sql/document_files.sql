@@ -30,3 +30,16 @@ SELECT d.requirement_code, d.expires_at
   JOIN properties p ON p.id = d.property_id
  WHERE d.id = %(document_id)s AND d.deleted_at IS NULL
    FOR UPDATE OF p
+
+-- name: cached_suggestion
+SELECT suggestion FROM document_suggestion WHERE sha256 = %(sha256)s AND extractor_version = %(version)s
+
+-- name: cache_suggestion
+-- Two first readers of one file compute the same answer; the second insert is a no-op.
+INSERT INTO document_suggestion (sha256, extractor_version, suggestion)
+VALUES (%(sha256)s, %(version)s, %(suggestion)s)
+ON CONFLICT (sha256, extractor_version) DO NOTHING
+
+-- name: forget_file_suggestions
+-- The orphan sweep removed the file: what was read in it goes too.
+DELETE FROM document_suggestion WHERE sha256 = %(sha256)s

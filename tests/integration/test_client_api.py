@@ -265,7 +265,7 @@ def test_the_ai_suggestion_shows_what_the_extractor_found_with_its_evidence_and_
             {"field": "requirement_code", "text_snippet": "Landlord Gas Safety Record", "page": 1, "derivation": None},
             {"field": "expires_at", "text_snippet": "Expiry date: 12 March 2027", "page": 1, "derivation": None},
         ],
-        "notes": [], "extractor_version": "keywords-2",
+        "notes": [], "extractor_version": "keywords-3",
     }
     assert everything(database_url, tmp_path / "documents") == before
 

@@ -217,3 +217,35 @@ def test_the_text_read_is_bounded_so_a_huge_crafted_file_costs_a_bounded_amount_
 
     assert (suggestion.requirement_code, suggestion.expires_at) == ("gas_safety", date(2027, 2, 1))
     assert f"only the first {MAX_TEXT_CHARS:,} characters of text were read" in suggestion.notes
+
+
+def test_a_pdf_is_read_only_until_the_text_budget_is_spent_so_later_pages_cost_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services import extraction
+
+    filler = "Gas safety record landlord appliance flue inspection " * 40
+    pages = [["Landlord gas safety record", "Expiry date: 01/02/2027"]] + [[filler] * 30] * 40
+    read: list[int] = []
+    original = extraction._content_bytes
+
+    def counting(page: object) -> int:
+        read.append(1)
+        return original(page)
+
+    monkeypatch.setattr(extraction, "_content_bytes", counting)
+    suggestion = suggest(make_pdf_pages(pages), FileKind.PDF)
+
+    assert (suggestion.requirement_code, suggestion.expires_at) == ("gas_safety", date(2027, 2, 1))
+    assert f"only the first {extraction.MAX_TEXT_CHARS:,} characters of text were read" in suggestion.notes
+    assert len(read) < len(pages) // 2
+
+
+def test_a_pdf_page_with_oversized_content_is_not_laid_out_and_the_notes_say_so() -> None:
+    from services.extraction import MAX_PAGE_CONTENT_BYTES
+
+    huge = ["x" * 100] * (MAX_PAGE_CONTENT_BYTES // 100 + 10)
+    suggestion = suggest(make_pdf_pages([["Electrical installation condition report"], huge]), FileKind.PDF)
+
+    assert suggestion.requirement_code == "eicr"
+    assert any(note.startswith("page 2: not read, its content is") for note in suggestion.notes), suggestion.notes
