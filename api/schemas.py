@@ -9,11 +9,27 @@ from __future__ import annotations
 from datetime import date, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
+from services.display_text import unsafe_characters
 from services.scoring import DocumentStatus, RequirementState
 
 RequirementCode = str  # validated against services.scoring.REQUIREMENTS where accepted as input
+
+
+def _refuse_unsafe(value: str, *, multiline: bool = False) -> str:
+    bad = unsafe_characters(value, multiline=multiline)
+    if bad:
+        raise PydanticCustomError("printable_text", "contains characters that hide or reorder text: {chars}",
+                                  {"chars": ", ".join(bad)})
+    return value
+
+
+#: Text a person reads on one line (a name, a label): no control, separator or bidi characters.
+DisplayText = AfterValidator(_refuse_unsafe)
+#: The same for text of several lines (a reason), which may also hold line feeds and tabs.
+MultilineText = AfterValidator(lambda value: _refuse_unsafe(value, multiline=True))
 
 
 class StrictModel(BaseModel):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import psycopg
 
 from services import audit
+from services.display_text import require_display_text
 from services.errors import ClientNotFound, DuplicateRequest, InvalidInput
 from services.queries import QUERIES
 from services.recalc_requests import request_recalculation
@@ -23,6 +24,7 @@ class NewProperty:
     def validate(self) -> None:
         if not isinstance(self.name, str) or not 1 <= len(self.name.strip()) <= 200:
             raise InvalidInput("property name must be 1 to 200 characters", field="name", rule="length_1_200")
+        require_display_text(self.name, field="name")
         if not isinstance(self.has_gas_supply, bool):
             raise InvalidInput("has_gas_supply must be true or false", field="has_gas_supply", rule="boolean")
 
@@ -75,6 +77,7 @@ def provision_client(
     A replayed correlation id creates nothing and raises DuplicateRequest."""
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
         raise InvalidInput("client name must be 1 to 200 characters", field="name", rule="length_1_200")
+    require_display_text(name, field="name")
     if len(properties) > 1000:
         raise InvalidInput(
             "a client is provisioned with at most 1000 properties at once", field="properties", rule="max_items"

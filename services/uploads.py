@@ -23,7 +23,6 @@ import re
 import stat
 import struct
 import time
-import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from pypdf import PasswordType, PdfReader
 
+from services.display_text import unsafe_characters
 from services.documents import MAX_DOCUMENTS_PER_REQUEST, DocumentsAdded, NewDocument, add_documents
 from services.errors import InvalidInput, PayloadTooLarge, UnsupportedContent
 from services.file_store import FileStore
@@ -114,7 +114,6 @@ class ZipEntry:
 # ---------------------------------------------------------------------------------------------
 
 #: Bidirectional-text controls make "evil\u202efdp.exe" display as "evilexe.pdf".
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _NO_TYPE_CLAIM = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 _TYPE_ALIASES = {"application/x-pdf": FileKind.PDF.value, "application/acrobat": FileKind.PDF.value}
 #: Text that a browser would render as a page, not show as text.
@@ -233,9 +232,7 @@ def _name_types() -> mimetypes.MimeTypes:
 
 
 def _has_control_characters(text: str) -> bool:
-    return any(
-        unicodedata.category(ch) in {"Cc", "Cs", "Zl", "Zp"} or ch in _BIDI_CONTROLS for ch in text
-    )
+    return bool(unsafe_characters(text))
 
 
 # ---------------------------------------------------------------------------------------------

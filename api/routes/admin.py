@@ -21,7 +21,15 @@ from pydantic_core import PydanticCustomError
 from api.dependencies import Conn, IdempotencyKey, Limits, Store, correlation_id, replay_response
 from api.idempotency import KEY_HEADER, Record, answer_once, answer_once_within, keyed
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, UPLOAD_RESPONSES
-from api.schemas import BreakdownOut, DocumentOut, RecalculationRef, ScoreStatus, StrictModel
+from api.schemas import (
+    BreakdownOut,
+    DisplayText,
+    DocumentOut,
+    MultilineText,
+    RecalculationRef,
+    ScoreStatus,
+    StrictModel,
+)
 from api.security import Admin
 from outbox import JobStatus
 from services import admin_views, audit, property_views
@@ -63,7 +71,8 @@ JobId = Annotated[int, _id("job")]
 
 #: No NUL characters: PostgreSQL text cannot hold them.
 _NO_NUL = r"^[^\x00]*$"
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL),
+                 DisplayText]
 
 
 def _iso_date_only(value: object) -> object:
@@ -116,7 +125,7 @@ class ProvisionedClientOut(BaseModel):
 
 
 class TokenIn(StrictModel):
-    label: Annotated[str, StringConstraints(max_length=100, pattern=_NO_NUL)] = ""
+    label: Annotated[str, StringConstraints(max_length=100, pattern=_NO_NUL), DisplayText] = ""
 
 
 class TokenOut(BaseModel):
@@ -231,8 +240,8 @@ class DocumentChangedOut(BaseModel):
 
 
 class RejectIn(StrictModel):
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500,
-                                             pattern=_NO_NUL)] = Field(description="Why, 1-500 characters")
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=_NO_NUL),
+                      MultilineText] = Field(description="Why, 1-500 characters")
 
 
 def _document(view: property_views.DocumentView) -> DocumentOut:

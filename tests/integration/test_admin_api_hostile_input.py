@@ -114,10 +114,15 @@ def assert_problem(response: Any, status: int, field: str, rule: str, valid_valu
         ({"name": "Acme", "properties": {"name": "A"}}, "properties", "list_type"),
         ({"name": 42}, "name", "string_type"),
         ({"name": "Acme", "properties": [{"name": f"P{i}"} for i in range(1001)]}, "properties", "too_long"),
+        ({"name": "Acme\u202eLtd"}, "name", "printable_text"),
+        ({"name": "Acme\u2066Ltd"}, "name", "printable_text"),
+        ({"name": "Acme\u2028Ltd"}, "name", "printable_text"),
+        ({"name": "Acme", "properties": [{"name": "Flat\x1b[31m 1"}]}, "properties.0.name", "printable_text"),
     ],
     ids=["unknown-field", "unknown-nested-field", "empty-name", "whitespace-name", "long-name",
          "whitespace-property-name", "nul-in-name", "string-boolean", "missing-name", "object-not-list",
-         "number-name", "1001-properties"],
+         "number-name", "1001-properties", "bidi-override-in-name", "bidi-isolate-in-name",
+         "line-separator-in-name", "escape-in-property-name"],
 )
 def test_a_bad_provisioning_body_is_a_422_naming_the_field_and_rule_and_creates_nothing(
     api: TestClient, unchanged: Unchanged, body: dict[str, Any], field: str, rule: str
@@ -180,8 +185,9 @@ def test_a_token_label_over_100_characters_is_a_422_and_issues_nothing(
         ({"reason": "   "}, "reason", "string_too_short"),
         ({"reason": "x" * 501}, "reason", "string_too_long"),
         ({"reason": "bad", "status": "rejected"}, "status", "extra_forbidden"),
+        ({"reason": "expired \u202e2202"}, "reason", "printable_text"),
     ],
-    ids=["no-reason", "blank-reason", "long-reason", "unknown-field"],
+    ids=["no-reason", "blank-reason", "long-reason", "unknown-field", "bidi-override-in-reason"],
 )
 def test_a_reject_without_a_usable_reason_is_a_422_and_leaves_the_document_as_it_was(
     api: TestClient, unchanged: Unchanged, document_id: int, body: dict[str, Any], field: str, rule: str
@@ -342,4 +348,14 @@ def test_a_malformed_idempotency_key_is_a_400_and_changes_nothing(
     assert response.status_code in (400, 422), response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert "Idempotency-Key" in response.text
+    unchanged.check()
+
+
+def test_a_token_label_with_a_control_character_is_a_422_and_issues_nothing(
+    api: TestClient, unchanged: Unchanged, tenant: TenantClient
+) -> None:
+    response = api.post(f"/api/admin/clients/{tenant.client_id}/tokens", headers=ADMIN_HEADERS,
+                        json={"label": "ci\rrotated"})
+
+    assert_problem(response, 422, "label", "printable_text")
     unchanged.check()

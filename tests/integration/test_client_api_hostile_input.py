@@ -176,6 +176,15 @@ def test_content_that_is_not_the_pdf_it_claims_to_be_is_refused_with_415(
     assert set(error["valid_values"]) == {"application/pdf", "text/plain"}
 
 
+@pytest.mark.parametrize("name", ["Flat \u202e1", "Flat\u200f 1", "Flat\u2029 1", "Flat\x07 1"],
+                         ids=["bidi override", "right-to-left mark", "paragraph separator", "bell"])
+def test_a_property_name_with_characters_that_hide_or_reorder_it_is_refused(world: World, name: str) -> None:
+    with nothing_changes(world):
+        response = world.api.post("/api/properties", json={"name": name}, headers=world.tenant.headers)
+
+    assert_problem(response, 422, "name", "printable_text" if "\x07" not in name else "string_pattern_mismatch")
+
+
 def test_a_file_name_with_control_characters_is_refused(world: World) -> None:
     with nothing_changes(world):
         response = upload(world, name="cert\u202efdp.txt")
