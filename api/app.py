@@ -16,9 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api import metrics, problems
+from api import access_log, metrics, problems
 from api.admission import Admission, AdmissionLimits
-from api.body_limit import BodySizeLimit
+from api.request_body import BodyLimits, RequestBodyLimits
 from api.routes import admin, admin_jobs, client
 from api.security import AdminKeys
 from recalq.bootstrap import Runtime
@@ -76,7 +76,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_zip_ratio=settings.max_zip_ratio,
     )
     problems.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    access_log.install()
+    app.add_middleware(RequestBodyLimits, limits=BodyLimits(
+        max_bytes=settings.max_request_bytes,
+        idle_timeout_seconds=settings.api_body_idle_timeout_seconds,
+        total_timeout_seconds=settings.api_body_total_timeout_seconds,
+    ))
     # Outermost: a request is admitted (or refused at once) before anything reads its body.
     app.add_middleware(Admission, limits=admission_limits(settings))
     app.include_router(client.router)

@@ -68,6 +68,7 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
                    "or the admin API has no keys configured"),
 }
 UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: _describe(408, "The request body stopped arriving (idle or total timeout); nothing was read or changed"),
     413: _describe(413, "A file, archive or the request is over its size limit"),
     415: _describe(415, "A file's content is not an accepted type (PDF or UTF-8 text)"),
 }

@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     #: Upload limits: one file, one whole request (multipart or ZIP), and a ZIP's contents.
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=60 * 1024 * 1024, ge=1)
+    #: A request body whose next part does not arrive within this long, or that is not all
+    #: there within the total, is cut off with 408 (a stalled client gives its slot back).
+    api_body_idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    api_body_total_timeout_seconds: float = Field(default=300.0, gt=0)
     max_zip_total_uncompressed_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     max_zip_ratio: float = Field(default=100.0, gt=1)
 
