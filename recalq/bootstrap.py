@@ -69,6 +69,10 @@ class Runtime:
                 # transaction, turn the service's block into a savepoint, and the change would be
                 # rolled back silently when the connection went back to the pool.
                 kwargs={"autocommit": True},
+                # A connection the server dropped while it sat in the pool (a restart, a killed
+                # session, an idle timeout) is found and replaced at checkout, for the price of
+                # one round trip, instead of failing the request that drew it.
+                check=ConnectionPool.check_connection,
                 open=True,
                 name="recalq",
             )
