@@ -10,12 +10,17 @@ timeout (10 s) for a connection; past ~40 concurrent requests every thread was w
 What it does, per request, before the route runs (a pure ASGI middleware, no thread held):
 
 1. The caller's share. Callers are told apart by their credential (a digest of the bearer token
-   or admin key; the peer address for anonymous calls). A caller may hold at most
-   `tenant_slots` of the `slots`, and may start at most `rate` requests per second (a token
-   bucket of `burst`). Past either: 429 with Retry-After, at once.
+   or admin key; the peer address for anonymous calls). A caller runs at most `tenant_slots` of
+   the `slots` at once; more of its requests wait (at most `tenant_queue` of them), and it may
+   start at most `rate` requests per second (a token bucket of `burst`). Past the queue or the
+   rate: 429 with Retry-After, at once.
 2. A slot. `slots` requests run at once (the pool size by default, so none ever waits for a
    connection). The next `max_waiting` wait, at most `max_wait_seconds`, for one to free up;
-   past that, or with the queue full: 503 with Retry-After, at once. Never a 10-second hang.
+   past that, or with the queue full: 503 with Retry-After, at once (429 if slots were free
+   all along and only the caller's own share kept it waiting). Never a 10-second hang.
+3. Fair hand-over. A freed slot goes to the waiting request whose caller runs the fewest
+   requests (the oldest of those), so a caller with a deep queue never crowds out another
+   caller's single request: waiting, not refusing, is how a busy caller is slowed.
 
 The slot is held until the response has been sent. Paths that touch no database (health,
 documentation) are admitted without a slot, so `/healthz` answers at once however loaded the
@@ -50,6 +55,8 @@ class AdmissionLimits:
     tenant_slots: int
     rate: float
     burst: float
+    #: How many of one caller's requests may wait beyond those it runs (0: none wait).
+    tenant_queue: int = 0
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.max_waiting < 0 or self.max_wait_seconds < 0:
@@ -61,12 +68,23 @@ class AdmissionLimits:
 
 
 class _Bucket:
-    __slots__ = ("in_flight", "tokens", "updated")
+    """One caller: its requests in the process (running or waiting), running, and its rate."""
+
+    __slots__ = ("in_flight", "running", "tokens", "updated")
 
     def __init__(self, tokens: float, now: float) -> None:
         self.tokens = tokens
         self.updated = now
         self.in_flight = 0
+        self.running = 0
+
+
+class _Waiter:
+    __slots__ = ("bucket", "future")
+
+    def __init__(self, bucket: _Bucket, future: asyncio.Future[None]) -> None:
+        self.bucket = bucket
+        self.future = future
 
 
 class Admission:
@@ -75,7 +93,7 @@ class Admission:
         self.limits = limits
         self._clock = clock
         self._free = limits.slots
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[_Waiter] = []
         self._callers: OrderedDict[str, _Bucket] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,14 +107,20 @@ class Admission:
             return
         bucket.in_flight += 1
         try:
-            if not await self._acquire():
+            outcome = await self._acquire(bucket)
+            if outcome == "own-share":
+                await _refuse(scope, receive, send, 429, "Too many requests",
+                              f"this caller kept its share of the API ({self.limits.tenant_slots} requests at once) "
+                              "busy for the whole wait; retry when one has finished", "rate-limited", 1)
+                return
+            if outcome == "full":
                 await _refuse(scope, receive, send, 503, "Service unavailable",
                               "the API is at capacity; retry after the time in Retry-After", "overloaded", 1)
                 return
             try:
                 await self.app(scope, receive, send)
             finally:
-                self._release()
+                self._release(bucket)
         finally:
             bucket.in_flight -= 1
 
@@ -118,9 +142,10 @@ class Admission:
         return bucket
 
     def _tenant_refusal(self, bucket: _Bucket) -> tuple[str, int] | None:
-        if bucket.in_flight >= self.limits.tenant_slots:
-            return (f"this caller already has {bucket.in_flight} requests in progress, its share of the API; "
-                    "retry when one has finished", 1)
+        most = self.limits.tenant_slots + self.limits.tenant_queue
+        if bucket.in_flight >= most:
+            return (f"this caller already has {bucket.in_flight} requests in progress or waiting, its share of the "
+                    "API; retry when one has finished", 1)
         if bucket.tokens < 1:
             wait = math.ceil((1 - bucket.tokens) / self.limits.rate)
             return (f"this caller is over its rate of {self.limits.rate:g} requests per second", max(1, wait))
@@ -128,37 +153,57 @@ class Admission:
         return None
 
     # -- slots --------------------------------------------------------------------------------
-    async def _acquire(self) -> bool:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return True
+    def _may_run(self, bucket: _Bucket) -> bool:
+        return self._free > 0 and bucket.running < self.limits.tenant_slots
+
+    async def _acquire(self, bucket: _Bucket) -> str:
+        """'admitted', 'full' (no slot within the wait, or the queue is full) or 'own-share'
+        (slots were free but this caller already ran its share for the whole wait)."""
+        # Waiters only exist while no slot is free or their callers are at their share, so a
+        # request that may run now takes nothing from them.
+        if self._may_run(bucket):
+            self._take(bucket)
+            return "admitted"
         if len(self._waiters) >= self.limits.max_waiting:
-            return False
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return "full"
+        waiter = _Waiter(bucket, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         acquired = False
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.limits.max_wait_seconds)
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.max_wait_seconds)
             acquired = True
         except TimeoutError:
-            acquired = waiter.done() and not waiter.cancelled()  # handed a slot as the wait ran out
+            acquired = waiter.future.done() and not waiter.future.cancelled()  # handed a slot as the wait ran out
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-            if not waiter.done():
-                waiter.cancel()
-            elif not acquired and not waiter.cancelled():
-                self._release()  # handed a slot, then the caller went away: pass it on
-        return acquired
+            if not waiter.future.done():
+                waiter.future.cancel()
+            elif not acquired and not waiter.future.cancelled():
+                self._release(bucket)  # handed a slot, then the caller went away: pass it on
+        if acquired:
+            return "admitted"
+        return "own-share" if bucket.running >= self.limits.tenant_slots else "full"
 
-    def _release(self) -> None:
-        """Hands the slot to the oldest waiter still waiting, or frees it."""
-        while self._waiters:
-            waiter = self._waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _take(self, bucket: _Bucket) -> None:
+        self._free -= 1
+        bucket.running += 1
+
+    def _release(self, bucket: _Bucket) -> None:
+        """Frees the slot and hands it on: to the waiter whose caller runs the fewest requests
+        (the oldest of those), so a caller with many queued requests cannot crowd out one that
+        has a single request waiting."""
+        bucket.running -= 1
         self._free += 1
+        while self._free > 0:
+            eligible = [w for w in self._waiters if not w.future.done()
+                        and w.bucket.running < self.limits.tenant_slots]
+            if not eligible:
+                return
+            chosen = min(eligible, key=lambda w: w.bucket.running)  # min() keeps the oldest of a tie
+            self._waiters.remove(chosen)
+            self._take(chosen.bucket)
+            chosen.future.set_result(None)
 
 
 def _caller(scope: Scope) -> str:

@@ -114,4 +114,5 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         tenant_slots=max(1, min(slots, math.floor(slots * settings.api_caller_share))),
         rate=settings.api_caller_rate_per_second,
         burst=settings.api_caller_burst,
+        tenant_queue=math.ceil(settings.api_max_waiting * settings.api_caller_share),
     )

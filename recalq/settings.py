@@ -108,11 +108,12 @@ class Settings(BaseSettings):
     #: for a connection. The next api_max_waiting wait at most api_max_wait_seconds for a turn;
     #: past that the API answers 503 with Retry-After at once (api/admission.py).
     api_max_in_flight: int | None = Field(default=None, ge=1, le=1000)
-    api_max_waiting: int = Field(default=64, ge=0, le=100_000)
+    api_max_waiting: int = Field(default=256, ge=0, le=100_000)
     api_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
-    #: One caller (one token or key) may hold this share of the in-flight requests, and start this
-    #: many requests per second (bursts of api_caller_burst); past either it gets 429 with
-    #: Retry-After while other callers go on.
+    #: One caller (one token or key) may run this share of the slots, and have this share of
+    #: api_max_waiting waiting, and start this many requests per second (bursts of
+    #: api_caller_burst); past the queue or the rate it gets 429 with Retry-After while other
+    #: callers go on. A freed slot goes to the caller running the fewest requests.
     api_caller_share: float = Field(default=0.5, gt=0, le=1)
     api_caller_rate_per_second: float = Field(default=100.0, gt=0)
     api_caller_burst: int = Field(default=200, ge=1)

@@ -81,10 +81,11 @@ def test_a_full_api_refuses_the_next_request_at_once_with_503_and_retry_after_an
         assert after.status_code == 200, "capacity comes back as soon as the slots free up"
 
 
-def test_a_caller_holding_its_share_gets_429_while_another_caller_is_served(
+def test_a_caller_holding_its_share_waits_then_gets_429_while_another_caller_is_served_at_once(
     database_url: str, tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
-    settings = api_settings(database_url, tmp_path / "docs", api_db_pool_size=4, api_caller_share=0.5)
+    settings = api_settings(database_url, tmp_path / "docs", api_db_pool_size=4, api_caller_share=0.5,
+                            api_max_wait_seconds=0.5)
     greedy, other = new_tenant(database_url), new_tenant(database_url)
     with serving(settings) as base, locked(database_url, greedy.property_ids[0]) as lock:
         held = hold_uploads(pool, base, greedy, database_url, 2)
