@@ -12,6 +12,7 @@ failure means. One root, so callers can catch `OutboxError`.
           +-- InfrastructureUnavailable the database is unreachable: retried, never counted
           +-- RetryableJobError         a counted, retried attempt with the handler's reason
           +-- FencedOut                 the attempt lost its job (taken over, finished): stop
+          +-- JobCancelled              its owner asked it to stop: it ends cancelled at this unit
 
 Any other exception from a handler is a counted attempt too, retried with backoff until the
 job's attempts run out (G5): a bug or a flaky dependency is treated like any failure, and the
@@ -89,3 +90,7 @@ class RetryableJobError(JobError):
 
 class FencedOut(JobError):
     """The attempt no longer holds its job (taken over, or finished): its work must roll back."""
+
+
+class JobCancelled(JobError):
+    """The job's cancel was requested; the attempt stops at this unit boundary."""

@@ -1,6 +1,6 @@
 """A worker's side of the job lifecycle: start, heartbeat, complete, fail, requeue.
 
-Each call is one SQL function (migrations/functions/outbox_v5.sql) run on the caller's
+Each call is one SQL function (migrations/functions/outbox_v5.sql and outbox_v6.sql) run on the caller's
 connection, so the transition is atomic and fenced by the attempt number: an attempt that
 lost its lease can neither complete nor fail the job. Each also keeps the attempt's row of
 outbox_attempt, so every attempt's outcome and error stay readable.
@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from outbox.connection import fetch_all, fetch_one
 from outbox.queries import QUERIES
@@ -42,6 +43,8 @@ class FailOutcome(StrEnum):
     DEAD = "dead"
     #: The key already has a waiting job; it covers this job's requests, so no retry is needed.
     SUPERSEDED = "superseded"
+    #: The job's cancel had been requested: it ends cancelled, not retried.
+    CANCELLED = "cancelled"
     #: The attempt had been fenced out; nothing was recorded.
     STALE = "stale"
 
@@ -57,6 +60,8 @@ class Start:
     #: For STARTED: the lease the attempt holds, in seconds (heartbeat well within it). Left out of
     #: equality: two starts are the same transition whatever lease the task gives.
     lease_s: float | None = field(default=None, compare=False)
+    #: For STARTED of a watched job: its checkpoint (None: from the beginning).
+    cursor: Any = field(default=None, compare=False)
 
 
 def start(
@@ -97,9 +102,20 @@ def heartbeat(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
     return bool(row and row["alive"])
 
 
-def complete(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
-    row = fetch_one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
+def complete(conn: psycopg.Connection, job_id: int, attempt: int, result: Any = None) -> bool:
+    """`result`: what a watched job's watchers are told it made (small JSON)."""
+    if result is None:
+        row = fetch_one(conn, QUERIES["complete_job"], {"job_id": job_id, "attempt": attempt})
+    else:
+        row = fetch_one(conn, QUERIES["complete_job_with_result"],
+                        {"job_id": job_id, "attempt": attempt, "result": Jsonb(result)})
     return bool(row and row["completed"])
+
+
+def finish_cancelled(conn: psycopg.Connection, job_id: int, attempt: int) -> bool:
+    """The attempt stops because its cancel was requested; False if it no longer holds the job."""
+    row = fetch_one(conn, QUERIES["finish_cancelled_job"], {"job_id": job_id, "attempt": attempt})
+    return bool(row and row["cancelled"])
 
 
 def fail(

@@ -1,6 +1,6 @@
 """What one delivery of a job came to: the runner's answer to the task that ran it.
 
-The task adapter maps each to Celery: Completed and Dropped acknowledge the message, RetryLater
+The task adapter maps each to Celery: Completed, Cancelled and Dropped acknowledge the message, RetryLater
 sends it again after `delay_seconds`, Dead acknowledges it as a failure (so Flower shows what
 Postgres already recorded).
 """
@@ -41,9 +41,17 @@ class RetryLater:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The job stopped on its owner's request (terminal; acknowledged, never retried)."""
+
+    job_id: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Dead:
     job_id: int
     reason: str
 
 
-Outcome = Completed | Dropped | RetryLater | Dead
+Outcome = Completed | Dropped | RetryLater | Dead | Cancelled

@@ -99,6 +99,12 @@ SELECT outbox_heartbeat(%(job_id)s, %(attempt)s) AS alive
 -- name: complete_job
 SELECT outbox_complete(%(job_id)s, %(attempt)s) AS completed
 
+-- name: complete_job_with_result
+SELECT outbox_complete(%(job_id)s, %(attempt)s, %(result)s::jsonb) AS completed
+
+-- name: finish_cancelled_job
+SELECT outbox_finish_cancelled(%(job_id)s, %(attempt)s) AS cancelled
+
 -- name: fail_job
 SELECT outbox_fail(%(job_id)s, %(attempt)s, %(error)s, %(retryable)s,
                    make_interval(secs => %(retry_in_seconds)s)) AS outcome
@@ -223,3 +229,35 @@ SELECT j.task, a.outcome::text AS outcome, count(*) AS attempts
  WHERE a.outcome IN ('failed', 'lost') AND a.finished_at > now() - make_interval(secs => %(seconds)s)
  GROUP BY j.task, a.outcome
  ORDER BY j.task, a.outcome
+
+-- name: watch_job
+SELECT outbox_watch(%(job_id)s, %(owner)s) AS seq
+
+-- name: report_progress
+SELECT outbox_report_progress(%(job_id)s, %(attempt)s, %(stage)s, %(fraction)s, %(message)s, %(current)s,
+                              %(total)s, make_interval(secs => %(min_interval_s)s)) AS written
+
+-- name: cancel_job
+SELECT outbox_cancel(%(job_id)s) AS outcome
+
+-- name: fence_unit
+-- A unit of a watched job: the attempt still holds the job (locked until commit, like
+-- fence_attempt) and whether its cancel has been requested.
+SELECT cancel_requested_at IS NOT NULL AS cancel_requested FROM outbox_job
+ WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s
+   FOR UPDATE
+
+-- name: load_checkpoint
+SELECT cursor FROM outbox_checkpoint WHERE job_id = %(job_id)s
+
+-- name: save_checkpoint
+-- In the unit's transaction, after fence_unit: the cursor commits with the work it covers.
+INSERT INTO outbox_checkpoint AS c (job_id, attempt, cursor, updated_at)
+VALUES (%(job_id)s, %(attempt)s, %(cursor)s, now())
+ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, cursor = EXCLUDED.cursor, updated_at = now()
+
+-- name: set_job_error
+-- A watched job's structured error, set in the failing transaction before outbox_fail, so the
+-- event that transition writes carries it.
+UPDATE outbox_job SET error = %(error)s
+ WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s AND watched

@@ -20,29 +20,31 @@ handler does the work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from outbox import lifecycle
+from outbox.attempt import Attempt, ConnectionFactory
 from outbox.backoff import RetryPolicy
 from outbox.db_errors import translated_db_errors
-from outbox.errors import FencedOut, InfrastructureUnavailable, PermanentJobError, RetryableJobError
+from outbox.errors import FencedOut, InfrastructureUnavailable, JobCancelled, PermanentJobError, RetryableJobError
 from outbox.lifecycle import FailOutcome, StartOutcome
-from outbox.outcomes import Completed, Dead, Dropped, Outcome, RetryLater
+from outbox.outcomes import Cancelled, Completed, Dead, Dropped, Outcome, RetryLater
 from outbox.probes import Probe, no_probe
 from outbox.queries import QUERIES
 from outbox.transactions import pipelined_transaction
+from outbox.watched import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection]]
+__all__ = ["Attempt", "ConnectionFactory", "DeadJob", "Handler", "JobRunner", "RunnerPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,9 @@ class DeadJob:
 
 
 class Handler(Protocol):
-    """A job kind: what one attempt does, and what a DEAD job leaves behind."""
+    """A job kind: what one attempt does, and what a DEAD job leaves behind. A handler of a
+    watched task also has `watched = True`: its attempts get their checkpoint, its result is
+    kept for its watchers, and its failures are told to them with the stage they happened in."""
 
     def run(self, attempt: Attempt) -> Any:
         """Does the work; commits its effects with `attempt.complete(conn)` (or returns, and
@@ -73,59 +77,6 @@ class Handler(Protocol):
 
     def on_dead(self, conn: psycopg.Connection, job: DeadJob) -> None:
         """Runs in the transaction that made the job DEAD."""
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One running attempt, as its handler sees it."""
-
-    job_id: int
-    attempt: int
-    payload: dict[str, Any]
-    coalescing_key: str | None
-    _connection: ConnectionFactory = field(repr=False)
-    #: Seconds between heartbeats that actually write (the rest return at once).
-    _heartbeat_every: float = field(default=5.0, repr=False)
-    _last_heartbeat: float = field(default_factory=time.monotonic, repr=False)
-    completed: bool = False
-
-    @contextmanager
-    def transaction(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection in a pipelined transaction; database errors come out sorted
-        (InfrastructureUnavailable, RetryableJobError) and the transaction rolls back on any error."""
-        with translated_db_errors(), self._connection() as conn, pipelined_transaction(conn):
-            yield conn
-
-    def send_fence(self, conn: psycopg.Connection) -> Callable[[], None]:
-        """Locks the job row if this attempt still holds it. Returns the check: call it after
-        the next fetch (the result travels with the statements sent around it) and it raises
-        FencedOut if the job was taken over."""
-        cur = conn.cursor().execute(QUERIES["fence_attempt"], {"job_id": self.job_id, "attempt": self.attempt})
-
-        def confirm() -> None:
-            if cur.fetchone() is None:
-                raise FencedOut(f"attempt {self.attempt} of job {self.job_id} no longer holds it")
-
-        return confirm
-
-    def complete(self, conn: psycopg.Connection) -> None:
-        """Marks the job done in the caller's transaction, the one holding the job's effects;
-        raises FencedOut (so that transaction rolls back) if the attempt lost its job."""
-        if not lifecycle.complete(conn, self.job_id, self.attempt):
-            raise FencedOut(f"attempt {self.attempt} of job {self.job_id} was fenced out before completing")
-        self.completed = True
-
-    def heartbeat(self, *, force: bool = False) -> None:
-        """Extends the lease (at most every few seconds, unless forced); raises FencedOut when the
-        attempt lost its job, so a handler stops at its next unit instead of working for nothing."""
-        now = time.monotonic()
-        if not force and now - self._last_heartbeat < self._heartbeat_every:
-            return
-        with translated_db_errors(), self._connection() as conn, conn.transaction():
-            alive = lifecycle.heartbeat(conn, self.job_id, self.attempt)
-        self._last_heartbeat = now
-        if not alive:
-            raise FencedOut(f"attempt {self.attempt} of job {self.job_id} lost its lease")
 
 
 class JobRunner:
@@ -145,6 +96,7 @@ class JobRunner:
         self._probe = probe
         self._rand = rand
         self._heartbeat_every = heartbeat_every_seconds
+        self._watched = bool(getattr(handler, "watched", False))
 
     def run(
         self,
@@ -165,15 +117,20 @@ class JobRunner:
         assert start.attempt is not None
         # A heartbeat writes when a quarter of the lease has passed: three chances before it runs out.
         every = min(self._heartbeat_every, start.lease_s / 4) if start.lease_s else self._heartbeat_every
-        attempt = Attempt(job_id, start.attempt, start.payload or {}, start.coalescing_key, self._connection, every)
+        attempt = Attempt(job_id, start.attempt, start.payload or {}, start.coalescing_key, self._connection, every,
+                          cursor=start.cursor)
         self._probe("runner.after_start")
         try:
             result = self._handler.run(attempt)
             if not attempt.completed:
+                if self._watched:
+                    attempt.flush_progress()
                 with attempt.transaction() as conn:
-                    attempt.complete(conn)
+                    attempt.complete(conn, result if self._watched else None)
         except FencedOut:
             return Dropped(job_id, f"attempt {attempt.attempt} was fenced out by a takeover")
+        except JobCancelled:
+            return self._cancelled(attempt, infra_failures)
         except InfrastructureUnavailable as exc:
             return self._infra_retry(job_id, attempt.attempt, infra_failures, exc)
         except PermanentJobError as exc:
@@ -196,6 +153,8 @@ class JobRunner:
                 resume_attempt=resume_attempt,
                 worker=worker,
             )
+            if start.outcome is StartOutcome.STARTED and self._watched:
+                start = dataclasses.replace(start, cursor=load_checkpoint(conn, job_id))
             if start.outcome is StartOutcome.DEAD:
                 self._handler.on_dead(conn, DeadJob(
                     job_id, start.payload,
@@ -220,11 +179,27 @@ class JobRunner:
             case _:
                 return Dropped(job_id, "the job already finished")
 
+    def _cancelled(self, attempt: Attempt, infra_failures: int) -> Outcome:
+        try:
+            with translated_db_errors(), self._connection() as conn, conn.transaction():
+                stopped = lifecycle.finish_cancelled(conn, attempt.job_id, attempt.attempt)
+        except InfrastructureUnavailable as exc:
+            return self._infra_retry(attempt.job_id, attempt.attempt, infra_failures, exc)
+        if not stopped:
+            return Dropped(attempt.job_id, f"attempt {attempt.attempt} was fenced out before it stopped")
+        log.info("job %s cancelled at attempt %s", attempt.job_id, attempt.attempt)
+        return Cancelled(attempt.job_id, attempt.attempt)
+
     def _fail(self, attempt: Attempt, message: str, *, retryable: bool, infra_failures: int) -> Outcome:
         job_id = attempt.job_id
         delay = self._policy.retry.delay(attempt.attempt, rand=self._rand)
         try:
             with translated_db_errors(), self._connection() as conn, conn.transaction():
+                if self._watched:
+                    # Before the transition: the event it writes carries this error.
+                    conn.execute(QUERIES["set_job_error"], {
+                        "job_id": job_id, "attempt": attempt.attempt,
+                        "error": Jsonb({"stage": attempt.stage, "message": message[:500], "can_resume": retryable})})
                 outcome = lifecycle.fail(conn, job_id, attempt.attempt, error=message,
                                          retryable=retryable, retry_in_seconds=delay)
                 if outcome is FailOutcome.DEAD:
@@ -238,6 +213,9 @@ class JobRunner:
             case FailOutcome.DEAD:
                 log.warning("job %s is DEAD after attempt %s: %s", job_id, attempt.attempt, message)
                 return Dead(job_id, message)
+            case FailOutcome.CANCELLED:
+                log.info("job %s attempt %s failed after its cancel was requested: cancelled", job_id, attempt.attempt)
+                return Cancelled(job_id, attempt.attempt)
             case FailOutcome.SUPERSEDED:
                 log.info("job %s attempt %s failed (%s); the key's waiting job covers it",
                          job_id, attempt.attempt, message)

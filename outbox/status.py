@@ -5,6 +5,8 @@
        │ requeue                               │  └── retrying (failed, attempts left)
        dead ◀── failed, no attempts left ──────┘
     superseded: a lost running job whose key's next job covers its requests
+    cancelled:  a watched job its owner stopped (at once while waiting; at the next unit while
+                running; never retried)
 """
 
 from enum import StrEnum
@@ -25,8 +27,10 @@ class JobStatus(StrEnum):
     DEAD = "dead"
     #: A lost running job replaced by the key's next job, which covers its requests (terminal).
     SUPERSEDED = "superseded"
+    #: Stopped on request (terminal; never retried).
+    CANCELLED = "cancelled"
 
 
 #: Statuses of a job that has not started: a new request for its key joins it (G3).
 WAITING = frozenset({JobStatus.PENDING, JobStatus.PUBLISHED, JobStatus.RETRYING})
-TERMINAL = frozenset({JobStatus.DONE, JobStatus.DEAD, JobStatus.SUPERSEDED})
+TERMINAL = frozenset({JobStatus.DONE, JobStatus.DEAD, JobStatus.SUPERSEDED, JobStatus.CANCELLED})

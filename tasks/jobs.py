@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from celery import Celery, Task
 
-from outbox.outcomes import Completed, Dead, Dropped, Outcome, RetryLater
+from outbox.outcomes import Cancelled, Completed, Dead, Dropped, Outcome, RetryLater
 from tasks.errors import JobFailed
 
 
@@ -92,6 +92,8 @@ def register_job_task(
 def _summary(outcome: Outcome | Any, summarise: Summarise) -> dict[str, Any]:
     if isinstance(outcome, Dropped):
         return {"outcome": "dropped", "reason": outcome.reason}
+    if isinstance(outcome, Cancelled):
+        return {"outcome": "cancelled", "attempt": outcome.attempt}
     if isinstance(outcome, Completed):
         return summarise(outcome.result)
     return summarise(outcome)  # a runner that answers its kind's own result for a completed job

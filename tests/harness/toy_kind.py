@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from outbox.runner import Attempt, DeadJob, Handler
+from outbox.watched import Stage, register_watched_task
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
 
@@ -45,7 +46,7 @@ class ToyHandler:
 
 class ToyRuntime(Runtime):
     def job_kinds(self) -> dict[str, Handler]:
-        return {**super().job_kinds(), TOY_TASK: ToyHandler()}
+        return {**super().job_kinds(), TOY_TASK: ToyHandler(), WATCHED_TASK: WatchedToyHandler()}
 
 
 @cache
@@ -57,3 +58,53 @@ def __getattr__(name: str) -> Any:
     if name in {"app", "celery"}:
         return _runtime().celery_app
     raise AttributeError(f"module 'tests.harness.toy_kind' has no attribute {name!r}")
+
+
+WATCHED_TASK = "test.toy_watched"
+WATCHED_STAGES = [Stage("prepare", "Preparing"), Stage("work", "Working through the items"),
+                  Stage("finish", "Saving your results")]
+
+
+def register_watched_toy(conn: psycopg.Connection, **policy: Any) -> None:
+    """The watched toy's outbox_task row (cancellable, mode none unless told otherwise)."""
+    register_watched_task(conn, name=WATCHED_TASK, description="a watched toy job (tests only)",
+                          stages=WATCHED_STAGES, **policy)
+
+
+class WatchedToyHandler:
+    """A watched job of `units` units ({"units": n} in the payload), each a transaction that
+    records the unit in toy_unit (so a test counts how often each one ran) with its checkpoint.
+    Payload scripts: {"fail_at_unit": k, "fail_attempts": n} fails unit k on the first n
+    attempts; {"unit_seconds": s} paces each unit. `hook(attempt, unit)` runs before each unit
+    (a test's Event to wait on, a kill, a cancel)."""
+
+    watched = True
+
+    def __init__(self, hook: Any = None) -> None:
+        self.hook = hook
+
+    def run(self, attempt: Attempt) -> dict[str, Any]:
+        payload = attempt.payload
+        units = int(payload.get("units", 3))
+        attempt.progress(stage="prepare", message="getting ready")
+        attempt.progress(stage="work", current=attempt.cursor or 0, total=units)
+        for unit in range(attempt.cursor or 0, units):
+            if self.hook is not None:
+                self.hook(attempt, unit)
+            with attempt.unit() as conn:
+                if unit == payload.get("fail_at_unit") and attempt.attempt <= int(payload.get("fail_attempts", 1)):
+                    raise RuntimeError(f"toy failure at unit {unit}")
+                conn.execute("INSERT INTO toy_unit (job_id, unit, attempt) VALUES (%s, %s, %s)",
+                             [attempt.job_id, unit, attempt.attempt])
+                attempt.checkpoint(conn, unit + 1)
+            time.sleep(float(payload.get("unit_seconds", 0)))
+            attempt.progress(stage="work", current=unit + 1, total=units, message=f"item {unit + 1} of {units}")
+        attempt.progress(stage="finish")
+        return {"units": units}
+
+    def on_dead(self, conn: psycopg.Connection, job: DeadJob) -> None:
+        """Nothing to mark."""
+
+
+TOY_UNIT_TABLE = """CREATE TABLE IF NOT EXISTS toy_unit (
+    job_id bigint NOT NULL, unit integer NOT NULL, attempt integer NOT NULL, at timestamptz NOT NULL DEFAULT now())"""
