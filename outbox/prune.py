@@ -6,6 +6,9 @@ would slow down with age. Each batch is one short transaction that skips locked 
 pruning never waits on live work and never holds locks for long.
 
 DEAD jobs are never pruned: they are the operator's to requeue, or to `purge_dead` on purpose.
+A watched job's events, progress and checkpoint go with it (ON DELETE CASCADE); it leaves a
+tombstone, so its owner is told "expired" rather than "unknown" for the task's
+tombstone_retention, after which the tombstone goes too (`prune_tombstones`).
 A request's correlation id is refused as a repeat only while its row is kept, so the retention
 period is also how long an idempotency key is remembered.
 """
@@ -39,6 +42,24 @@ def prune_finished(conn: psycopg.Connection, *, older_than: timedelta, batch_siz
         raise ValueError(f"older_than must be positive, got {older_than}")
     params = {"older_than_seconds": older_than.total_seconds(), "limit": _positive(batch_size)}
     return _batches(conn, "prune_finished_jobs", params)
+
+
+def expire_watched(conn: psycopg.Connection, *, batch_size: int = 5000) -> PruneReport:
+    """Deletes finished watched jobs whose status expired (expires_at passed), whatever the
+    retention; each leaves a tombstone "expired" for its owner."""
+    return _batches(conn, "expire_watched_jobs", {"limit": _positive(batch_size)})
+
+
+def prune_tombstones(conn: psycopg.Connection, *, batch_size: int = 5000) -> int:
+    """Forgets tombstones past their keep_until: after that an old id is simply unknown."""
+    require_idle(conn)
+    total = 0
+    while True:
+        with conn.transaction():
+            deleted = conn.execute(QUERIES["prune_tombstones"], {"limit": _positive(batch_size)}).rowcount
+        total += deleted
+        if deleted < batch_size:
+            return total
 
 
 def purge_dead(

@@ -141,8 +141,9 @@ SELECT id AS request_id, job_id
  WHERE coalescing_key = %(coalescing_key)s AND correlation_id = %(correlation_id)s
 
 -- name: prune_finished_jobs
--- One batch of retention: done and superseded jobs that finished before the cutoff, with their
--- requests (and, by ON DELETE CASCADE, their attempts). DEAD jobs are never pruned (they wait
+-- One batch of retention: done, superseded and cancelled jobs that finished before the cutoff,
+-- with their requests (and, by ON DELETE CASCADE, their attempts, events, progress and
+-- checkpoints); a watched job leaves a tombstone. DEAD jobs are never pruned (they wait
 -- for a requeue or an explicit purge). A job that a superseded job still names is kept until that one is pruned (the foreign key), so a
 -- chain goes over several batches; the caller loops until a batch deletes nothing. SKIP
 -- LOCKED: pruning never waits on, nor holds up, live work. Deleting a request ends its
@@ -150,10 +151,10 @@ SELECT id AS request_id, job_id
 -- A task's own retention (outbox_task.retention) replaces the default for its jobs; the
 -- shortest of them bounds the range read of ix_outbox_job_finished_at (an InitPlan, computed once).
 WITH batch AS (
-    SELECT j.id
+    SELECT j.id, j.watched, j.task, j.owner, j.finished_at, t.tombstone_retention
       FROM outbox_job j
       JOIN outbox_task t ON t.name = j.task
-     WHERE j.status IN ('done', 'superseded')
+     WHERE j.status IN ('done', 'superseded', 'cancelled')
        AND j.finished_at < now() - (SELECT min(coalesce(retention, make_interval(secs => %(older_than_seconds)s)))
                                       FROM outbox_task)
        AND j.finished_at < now() - coalesce(t.retention, make_interval(secs => %(older_than_seconds)s))
@@ -161,6 +162,11 @@ WITH batch AS (
      ORDER BY j.finished_at
      LIMIT %(limit)s
        FOR UPDATE OF j SKIP LOCKED
+), tombstones AS (
+    -- A watched job's owner is told "expired", not "unknown", for the task's tombstone_retention.
+    INSERT INTO outbox_tombstone (job_id, task, owner, reason, finished_at, keep_until)
+    SELECT id, task, owner, 'expired', finished_at, now() + tombstone_retention FROM batch WHERE watched
+    ON CONFLICT (job_id) DO NOTHING
 ), requests AS (
     DELETE FROM outbox_request r USING batch WHERE r.job_id = batch.id RETURNING r.id
 ), jobs AS (
@@ -261,3 +267,48 @@ ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, cursor = EXCLUDED
 -- event that transition writes carries it.
 UPDATE outbox_job SET error = %(error)s
  WHERE id = %(job_id)s AND status = 'running' AND attempts = %(attempt)s AND watched
+
+-- name: expire_watched_jobs
+-- Watched jobs whose status expired (expires_at passed) go at once, whatever the retention,
+-- leaving a tombstone "expired". Finished ones only: a running job's expiry waits for its end.
+WITH batch AS (
+    SELECT j.id, j.task, j.owner, j.finished_at, t.tombstone_retention
+      FROM outbox_job j
+      JOIN outbox_task t ON t.name = j.task
+     WHERE j.watched AND j.expires_at < now() AND j.status IN ('done', 'dead', 'cancelled')
+     ORDER BY j.expires_at
+     LIMIT %(limit)s
+       FOR UPDATE OF j SKIP LOCKED
+), tombstones AS (
+    INSERT INTO outbox_tombstone (job_id, task, owner, reason, finished_at, keep_until)
+    SELECT id, task, owner, 'expired', finished_at, now() + tombstone_retention FROM batch
+    ON CONFLICT (job_id) DO NOTHING
+), requests AS (
+    DELETE FROM outbox_request r USING batch WHERE r.job_id = batch.id RETURNING r.id
+), jobs AS (
+    DELETE FROM outbox_job j USING batch WHERE j.id = batch.id RETURNING j.id
+)
+SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM requests) AS requests
+
+-- name: forget_watched_job
+-- Its owner deleted it: the job goes with its side rows, a tombstone "deleted" stays.
+WITH gone AS (
+    SELECT j.id, j.task, j.owner, j.finished_at, t.tombstone_retention
+      FROM outbox_job j JOIN outbox_task t ON t.name = j.task
+     WHERE j.id = %(job_id)s AND j.watched AND j.status IN ('done', 'dead', 'cancelled')
+       FOR UPDATE OF j
+), tombstone AS (
+    INSERT INTO outbox_tombstone (job_id, task, owner, reason, finished_at, keep_until)
+    SELECT id, task, owner, 'deleted', finished_at, now() + tombstone_retention FROM gone
+    ON CONFLICT (job_id) DO NOTHING
+), requests AS (
+    DELETE FROM outbox_request r USING gone WHERE r.job_id = gone.id
+), jobs AS (
+    DELETE FROM outbox_job j USING gone WHERE j.id = gone.id RETURNING j.id
+)
+SELECT count(*) AS forgotten FROM jobs
+
+-- name: prune_tombstones
+DELETE FROM outbox_tombstone
+ WHERE job_id = ANY(ARRAY(SELECT job_id FROM outbox_tombstone WHERE keep_until < now()
+                          ORDER BY keep_until LIMIT %(limit)s))

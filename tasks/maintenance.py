@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from celery import Celery, Task
 
-from outbox.prune import prune_finished
+from outbox.prune import expire_watched, prune_finished, prune_tombstones
 from outbox.relay import Relay
 from services.drift_sweep import drift_detected_since, sweep
 from services.expiry_rollover import roll_over_expiries
@@ -88,13 +88,15 @@ def register_maintenance_tasks(app: Celery, deps: Callable[[], MaintenanceDeps])
     def prune(self: Task) -> dict[str, Any]:
         d = deps()
         with d.connection() as conn:
-            report = prune_finished(conn, older_than=d.prune_after)
+            report = prune_finished(conn, older_than=d.prune_after) + expire_watched(conn)
+            tombstones = prune_tombstones(conn)
             # Answers are kept as long as the requests they answer: a key is remembered as long.
             answers = prune_answers(conn, older_than=d.prune_after)
             orphans = remove_orphans(conn, d.file_store(), ORPHAN_FILE_AGE)
-        log.info("pruned %s finished job(s), %s request(s) and %s stored answer(s); removed %s orphan file(s)",
-                 report.jobs, report.requests, answers, len(orphans))
-        return {"jobs": report.jobs, "requests": report.requests, "answers": answers, "orphan_files": len(orphans)}
+        log.info("pruned %s finished job(s), %s request(s), %s tombstone(s) and %s stored answer(s); "
+                 "removed %s orphan file(s)", report.jobs, report.requests, tombstones, answers, len(orphans))
+        return {"jobs": report.jobs, "requests": report.requests, "tombstones": tombstones, "answers": answers,
+                "orphan_files": len(orphans)}
 
     @app.task(name=DRIFT_SWEEP_TASK, **_MAINTENANCE)
     def drift_sweep(

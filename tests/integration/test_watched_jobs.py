@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -262,3 +263,30 @@ def test_a_flood_of_progress_reports_writes_about_one_event_a_second_and_every_s
     assert 2 <= len(written) <= 5, [e["data"] for e in written]
     assert [e["data"]["stage"] for e in written][-1] == "finish"
     assert all(len(str(e["data"])) < 1000 for e in written)
+
+
+def test_pruning_a_finished_watched_job_removes_its_events_attempts_and_checkpoint_and_leaves_a_tombstone(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    from outbox.prune import prune_finished, prune_tombstones
+
+    job_id = submit(database_url, units=2)
+    assert isinstance(runner(database_url).run(job_id), Completed)
+    db.execute("UPDATE outbox_job SET finished_at = now() - interval '30 days' WHERE id = %s", [job_id])
+    side = ("outbox_event", "outbox_progress", "outbox_checkpoint", "outbox_attempt", "outbox_request")
+    assert all(db.execute(f"SELECT count(*) AS n FROM {t} WHERE job_id = %s", [job_id]).fetchone()["n"] for t in side)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        report = prune_finished(conn, older_than=timedelta(days=14))
+
+    assert report.jobs == 1
+    assert [db.execute(f"SELECT count(*) AS n FROM {t} WHERE job_id = %s", [job_id]).fetchone()["n"]
+            for t in side] == [0] * len(side)
+    tomb = db.execute("SELECT owner, reason, keep_until > now() AS kept FROM outbox_tombstone WHERE job_id = %s",
+                      [job_id]).fetchone()
+    assert tomb == {"owner": "client:7", "reason": "expired", "kept": True}
+    assert units(db, job_id) == [(0, 1), (1, 1)], "the domain's rows stay"
+
+    db.execute("UPDATE outbox_tombstone SET keep_until = now() - interval '1 second' WHERE job_id = %s", [job_id])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert prune_tombstones(conn) == 1
