@@ -312,3 +312,38 @@ SELECT count(*) AS forgotten FROM jobs
 DELETE FROM outbox_tombstone
  WHERE job_id = ANY(ARRAY(SELECT job_id FROM outbox_tombstone WHERE keep_until < now()
                           ORDER BY keep_until LIMIT %(limit)s))
+
+-- name: watched_job_snapshot
+-- What a watcher is shown of one job: its row and its progress side row.
+SELECT j.id, j.task, j.owner, j.status::text AS status, j.attempts, j.max_attempts, j.stages, j.result, j.error,
+       j.cancel_requested_at, j.created_at, j.started_at, j.finished_at, j.expires_at, j.resumed_from,
+       p.stage, p.stage_index, p.fraction, p.message, p.current_units, p.total_units, p.last_seq,
+       p.updated_at AS progress_at
+  FROM outbox_job j
+  LEFT JOIN outbox_progress p ON p.job_id = j.id
+ WHERE j.id = %(job_id)s AND j.watched
+
+-- name: watched_jobs_of_owner
+-- A watcher's own jobs of one kind, newest first, keyset-paged (ix_outbox_job_owner_task).
+SELECT j.id
+  FROM outbox_job j
+ WHERE j.owner = %(owner)s AND j.task = %(task)s AND j.watched
+   AND (%(before_id)s::bigint IS NULL OR j.id < %(before_id)s::bigint)
+ ORDER BY j.id DESC
+ LIMIT %(limit)s
+
+-- name: job_events_after
+SELECT seq, kind::text AS kind, attempt, data, created_at
+  FROM outbox_event
+ WHERE job_id = %(job_id)s AND seq > %(after_seq)s
+ ORDER BY seq
+ LIMIT %(limit)s
+
+-- name: job_first_event
+-- The oldest event still kept: a Last-Event-ID before it has a gap behind it (resync).
+SELECT min(seq) AS first_seq FROM outbox_event WHERE job_id = %(job_id)s
+
+-- name: job_tombstone
+SELECT job_id, task, owner, reason, finished_at, created_at, keep_until
+  FROM outbox_tombstone
+ WHERE job_id = %(job_id)s AND keep_until > now()

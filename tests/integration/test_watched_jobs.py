@@ -290,3 +290,23 @@ def test_pruning_a_finished_watched_job_removes_its_events_attempts_and_checkpoi
     db.execute("UPDATE outbox_tombstone SET keep_until = now() - interval '1 second' WHERE job_id = %s", [job_id])
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert prune_tombstones(conn) == 1
+
+
+def test_a_snapshot_shows_the_stage_by_number_and_words_and_its_last_seq_is_the_last_event(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    from outbox import job_views
+
+    job_id = submit(database_url, units=2)
+    queued = job_views.snapshot(db, job_id)
+    assert queued is not None and queued.user_status == "queued" and queued.stage is None
+    assert [s.display for s in queued.stages] == ["Preparing", "Working through the items", "Saving your results"]
+
+    runner(database_url).run(job_id)
+    done = job_views.snapshot(db, job_id)
+
+    assert done is not None and done.final and done.user_status == "done"
+    assert (done.stage.number, done.stage.key) == (3, "finish") if done.stage else False
+    assert done.last_seq == events(db, job_id)[-1]["seq"]
+    assert [e.seq for e in job_views.events_after(db, job_id, done.last_seq - 1)] == [done.last_seq]
+    assert job_views.snapshot(db, 999_999) is None and job_views.tombstone(db, 999_999) is None
