@@ -347,3 +347,7 @@ SELECT min(seq) AS first_seq FROM outbox_event WHERE job_id = %(job_id)s
 SELECT job_id, task, owner, reason, finished_at, created_at, keep_until
   FROM outbox_tombstone
  WHERE job_id = %(job_id)s AND keep_until > now()
+
+-- name: resume_job
+SELECT job_id, refusal FROM outbox_resume(%(job_id)s, %(correlation_id)s, %(trigger_reason)s, %(actor_type)s,
+                                          %(actor_id)s)

@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from outbox.connection import Connectionish, fetch_one
 from outbox.enqueue import Enqueued, enqueue
-from outbox.errors import FencedOut
+from outbox.errors import FencedOut, OutboxError
 from outbox.queries import QUERIES
 
 #: At most one progress event per job this often (a stage change always writes one).
@@ -82,6 +82,36 @@ def cancel(conn: Connectionish, job_id: int) -> CancelOutcome:
     row = fetch_one(conn, QUERIES["cancel_job"], {"job_id": job_id})
     assert row is not None
     return CancelOutcome(row["outcome"])
+
+
+class ResumeRefused(OutboxError):
+    """The job cannot be resumed as asked; `reason` says why, `active_job_id` names the key's
+    active job when that is the reason."""
+
+    def __init__(self, reason: str, active_job_id: int | None = None) -> None:
+        super().__init__(reason if active_job_id is None else f"{reason}: job {active_job_id} is active")
+        self.reason = reason
+        self.active_job_id = active_job_id
+
+
+def resume(conn: Connectionish, job_id: int, *, correlation_id: str, trigger_reason: str, actor_type: str,
+           actor_id: str | None) -> int:
+    """A new job carrying on from a failed or cancelled one's checkpoint, with the same lock;
+    returns its id. Raises ResumeRefused ('not_resumable', or 'active' with the key's job)."""
+    row = fetch_one(conn, QUERIES["resume_job"], {"job_id": job_id, "correlation_id": correlation_id,
+                                                 "trigger_reason": trigger_reason, "actor_type": actor_type,
+                                                 "actor_id": actor_id})
+    assert row is not None
+    if row["refusal"] is not None:
+        raise ResumeRefused(row["refusal"], row["job_id"])
+    return int(row["job_id"])
+
+
+def forget(conn: Connectionish, job_id: int) -> bool:
+    """Deletes a finished watched job for its owner, leaving a tombstone "deleted"; False when
+    there is no such finished watched job."""
+    row = fetch_one(conn, QUERIES["forget_watched_job"], {"job_id": job_id})
+    return bool(row and row["forgotten"])
 
 
 def register_watched_task(

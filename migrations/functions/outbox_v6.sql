@@ -395,3 +395,73 @@ BEGIN
     RETURN 'dead';
 END;
 $fn$;
+
+-- outbox_resume: a new job that carries on where a failed or cancelled watched job stopped: the
+-- same task, key, payload, owner and stages, the old job's checkpoint, and the key's lock (a
+-- unique_active task refuses it while another job of the key is active: refusal 'active' with
+-- that job's id) but not its cooldown. Refusal 'not_resumable' when the job is not a watched job
+-- that failed or was cancelled. A repeated correlation id answers the first resume's job.
+CREATE FUNCTION outbox_resume(
+    p_job_id bigint,
+    p_correlation_id text,
+    p_trigger_reason text,
+    p_actor_type text,
+    p_actor_id text
+) RETURNS TABLE (job_id bigint, refusal text)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    j outbox_job%ROWTYPE;
+    v_job bigint;
+    v_request bigint;
+    v_max_attempts integer;
+BEGIN
+    SELECT * INTO j FROM outbox_job WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND OR NOT j.watched OR j.status NOT IN ('dead', 'cancelled') THEN
+        RETURN QUERY SELECT NULL::bigint, 'not_resumable'::text;
+        RETURN;
+    END IF;
+    SELECT r.job_id INTO v_job FROM outbox_request r
+     WHERE r.coalescing_key = j.coalescing_key AND r.correlation_id = p_correlation_id;
+    IF FOUND THEN
+        RETURN QUERY SELECT v_job, NULL::text;
+        RETURN;
+    END IF;
+    SELECT t.max_attempts INTO v_max_attempts FROM outbox_task t WHERE t.name = j.task;
+    IF j.mode = 'unique_active' THEN
+        INSERT INTO outbox_job AS n (task, coalescing_key, payload, max_attempts, next_run_at, mode, watched, owner,
+                                     stages, resumed_from)
+        VALUES (j.task, j.coalescing_key, j.payload, v_max_attempts, now(), j.mode, true, j.owner, j.stages, j.id)
+        ON CONFLICT (coalescing_key) WHERE mode = 'unique_active' AND status IN ('pending', 'published', 'running', 'retrying')
+        DO NOTHING
+        RETURNING n.id INTO v_job;
+        IF v_job IS NULL THEN
+            SELECT a.id INTO v_job FROM outbox_job a
+             WHERE a.coalescing_key = j.coalescing_key AND a.mode = 'unique_active'
+               AND a.status IN ('pending', 'published', 'running', 'retrying');
+            RETURN QUERY SELECT v_job, 'active'::text;
+            RETURN;
+        END IF;
+    ELSE
+        INSERT INTO outbox_job AS n (task, coalescing_key, payload, max_attempts, next_run_at, mode, watched, owner,
+                                     stages, resumed_from)
+        VALUES (j.task, j.coalescing_key, j.payload, v_max_attempts, now(), j.mode, true, j.owner, j.stages, j.id)
+        RETURNING n.id INTO v_job;
+    END IF;
+    INSERT INTO outbox_request AS r (job_id, coalescing_key, correlation_id, trigger_reason, actor_type, actor_id)
+    VALUES (v_job, j.coalescing_key, p_correlation_id, p_trigger_reason, p_actor_type, p_actor_id)
+    ON CONFLICT (coalescing_key, correlation_id) DO NOTHING
+    RETURNING r.id INTO v_request;
+    IF v_request IS NULL THEN
+        DELETE FROM outbox_job WHERE id = v_job;
+        SELECT r.job_id INTO v_job FROM outbox_request r
+         WHERE r.coalescing_key = j.coalescing_key AND r.correlation_id = p_correlation_id;
+        RETURN QUERY SELECT v_job, NULL::text;
+        RETURN;
+    END IF;
+    INSERT INTO outbox_checkpoint (job_id, attempt, cursor)
+    SELECT v_job, c.attempt, c.cursor FROM outbox_checkpoint c WHERE c.job_id = j.id;
+    PERFORM outbox_append_event(v_job, 'queued', 0, jsonb_build_object('resumed_from', j.id));
+    PERFORM pg_notify('outbox_job_pending', '');
+    RETURN QUERY SELECT v_job, NULL::text;
+END;
+$fn$;

@@ -144,6 +144,7 @@ def downgrade() -> None:
         """
         DROP TRIGGER tr_outbox_job_event ON outbox_job;
         DROP FUNCTION outbox_job_event();
+        DROP FUNCTION outbox_resume(bigint, text, text, text, text);
         DROP FUNCTION outbox_complete(bigint, integer, jsonb);
         DROP FUNCTION outbox_finish_cancelled(bigint, integer);
         DROP FUNCTION outbox_cancel(bigint);

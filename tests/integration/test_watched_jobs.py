@@ -310,3 +310,36 @@ def test_a_snapshot_shows_the_stage_by_number_and_words_and_its_last_seq_is_the_
     assert done.last_seq == events(db, job_id)[-1]["seq"]
     assert [e.seq for e in job_views.events_after(db, job_id, done.last_seq - 1)] == [done.last_seq]
     assert job_views.snapshot(db, 999_999) is None and job_views.tombstone(db, 999_999) is None
+
+
+def test_a_resumed_job_inherits_the_checkpoint_and_repeats_no_finished_unit(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    job_id = submit(database_url, units=4, fail_at_unit=2, fail_attempts=9)
+    db.execute("UPDATE outbox_job SET max_attempts = 1 WHERE id = %s", [job_id])
+    assert runner(database_url).run(job_id).__class__.__name__ == "Dead"
+    assert job(db, job_id)["status"] == "dead"
+
+    with psycopg.connect(database_url) as conn:
+        resumed = watched.resume(conn, job_id, correlation_id="resume-1", trigger_reason="resume",
+                                 actor_type="client", actor_id="7")
+    with psycopg.connect(database_url) as conn:
+        again = watched.resume(conn, job_id, correlation_id="resume-1", trigger_reason="resume",
+                               actor_type="client", actor_id="7")
+    db.execute("UPDATE outbox_job SET payload = payload || '{\"fail_at_unit\": null}' WHERE id = %s", [resumed])
+    outcome = runner(database_url).run(resumed)
+
+    assert again == resumed, "a repeated resume is the same job"
+    assert isinstance(outcome, Completed)
+    assert units(db, job_id) == [(0, 1), (1, 1)] and units(db, resumed) == [(2, 1), (3, 1)]
+    assert job(db, resumed)["owner"] == "client:7"
+    assert kinds(db, resumed)[0] == "queued"
+
+
+def test_a_job_that_did_not_fail_cannot_be_resumed(db: psycopg.Connection, database_url: str) -> None:
+    job_id = submit(database_url, units=1)
+
+    with psycopg.connect(database_url) as conn, pytest.raises(watched.ResumeRefused) as refused:
+        watched.resume(conn, job_id, correlation_id="r", trigger_reason="resume", actor_type="client", actor_id="7")
+
+    assert refused.value.reason == "not_resumable"
