@@ -105,6 +105,11 @@ class Admission:
         if refusal is not None:
             await _refuse(scope, receive, send, 429, "Too many requests", refusal[0], "rate-limited", refusal[1])
             return
+        if is_stream(scope.get("path", "")):
+            # A stream holds no thread and no connection for the minutes it stays open, so it
+            # takes no slot (it would starve every other request); it has a cap of its own.
+            await self.app(scope, receive, send)
+            return
         bucket.in_flight += 1
         try:
             outcome = await self._acquire(bucket)
@@ -204,6 +209,11 @@ class Admission:
             self._waiters.remove(chosen)
             self._take(chosen.bucket)
             chosen.future.set_result(None)
+
+
+def is_stream(path: str) -> bool:
+    """A job's event stream: /api/jobs/{id}/events."""
+    return path.startswith("/api/jobs/") and path.endswith("/events")
 
 
 def _caller(scope: Scope) -> str:

@@ -8,6 +8,7 @@ then, never at import.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -18,9 +19,11 @@ from pydantic import BaseModel
 
 from api import access_log, metrics, problems
 from api.admission import Admission, AdmissionLimits
+from api.job_stream import JobStreamHub
 from api.request_body import BodyLimits, RequestBodyLimits
-from api.routes import admin, admin_jobs, client
+from api.routes import admin, admin_jobs, client, job_events, jobs
 from api.security import AdminKeys
+from api.stream_tokens import StreamTokens
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
 from services.file_store import FileStore
@@ -46,6 +49,8 @@ TAGS = [
     {"name": "client", "description": "A client's own properties and documents (bearer token)."},
     {"name": "admin", "description": "Operators: documents of any property, provisioning, recalculation status, "
      "the queue (X-API-Key)."},
+    {"name": "jobs", "description": "Jobs a person starts and watches, of every kind: status, stream, cancel, "
+     "resume (the owner's bearer token; admins with X-API-Key see status and errors)."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -58,10 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     runtime = Runtime(settings, pool_size=settings.api_db_pool_size)
 
+    streams = JobStreamHub(settings.conninfo, poll_seconds=settings.api_stream_poll_seconds)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        runtime.close()
+        await streams.start()
+        try:
+            yield
+        finally:
+            await streams.stop()
+            runtime.close()
 
     app = FastAPI(title="recalq", version=version("recalq"), description=DESCRIPTION, openapi_tags=TAGS,
                   lifespan=lifespan)
@@ -69,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.admin_keys = AdminKeys(tuple(k.get_secret_value() for k in settings.admin_api_keys))
     app.state.file_store = FileStore(settings.document_dir)
+    app.state.stream_tokens = StreamTokens(runtime.connect)
+    app.state.job_streams = streams
+    app.state.streams_per_owner = Counter()
     app.state.upload_limits = UploadLimits(
         max_file_bytes=settings.max_file_bytes,
         max_zip_bytes=settings.max_request_bytes,
@@ -87,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(client.router)
     app.include_router(admin.router)
     app.include_router(admin_jobs.router)
+    app.include_router(job_events.router)
+    app.include_router(jobs.router)
     app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"], response_model=Health)

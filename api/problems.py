@@ -93,10 +93,13 @@ def problem_response(
     kind: str,
     errors: list[FieldProblem] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
+    """`extra`: members of the problem beyond the standard ones (RFC 9457 extensions), such as
+    the `active_job_id` a refused submission names."""
     body = Problem(type=f"urn:recalq:problem:{kind}", title=title, status=status, detail=detail, errors=errors or [])
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, media_type=PROBLEM_MEDIA_TYPE,
-                        headers=headers)
+    return JSONResponse({**body.model_dump(mode="json"), **(extra or {})}, status_code=status,
+                        media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:

@@ -19,7 +19,8 @@ from services import client_tokens
 from services.vocabulary import Actor, ActorType
 
 _bearer = HTTPBearer(auto_error=False, description="A client's API token (`rqc_...`), issued at provisioning")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An admin API key (RECALQ_ADMIN_API_KEYS)")
+ADMIN_KEY_HEADER = "X-API-Key"
+_api_key = APIKeyHeader(name=ADMIN_KEY_HEADER, auto_error=False, description="An admin API key (RECALQ_ADMIN_API_KEYS)")
 
 
 class AdminKeys:
@@ -83,3 +84,34 @@ def require_client(
 
 Admin = Annotated[AdminCaller, Depends(require_admin)]
 Client = Annotated[ClientCaller, Depends(require_client)]
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherCaller:
+    """Who asks about a job: its owner-to-be (a client), or an admin (who owns nothing)."""
+
+    actor: Actor
+    is_admin: bool
+
+    @property
+    def owner(self) -> str | None:
+        """The owner string the engine keeps on a job this caller submits."""
+        return None if self.is_admin else f"{self.actor.type}:{self.actor.id}"
+
+
+def require_watcher(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    key: Annotated[str | None, Depends(_api_key)],
+) -> WatcherCaller:
+    """A client's bearer token or an admin key; a client is preferred when both are sent."""
+    if credentials:
+        client = require_client(request, credentials)
+        return WatcherCaller(client.actor, is_admin=False)
+    if key:
+        return WatcherCaller(require_admin(request, key).actor, is_admin=True)
+    raise _unauthorized("Bearer", "a client token (Authorization: Bearer <token>) or an admin key (X-API-Key) "
+                        "is required")
+
+
+Watcher = Annotated[WatcherCaller, Depends(require_watcher)]

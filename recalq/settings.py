@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     api_caller_share: float = Field(default=0.5, gt=0, le=1)
     api_caller_rate_per_second: float = Field(default=100.0, gt=0)
     api_caller_burst: int = Field(default=200, ge=1)
+    #: Job streams (GET /api/jobs/{id}/events): open streams one owner may hold in one API
+    #: process, how often a stream's job is polled when a notification may have been lost, the
+    #: heartbeat comment's interval, and how long a send may wait on a client that stopped reading.
+    api_max_streams_per_owner: int = Field(default=20, ge=1, le=10_000)
+    api_stream_poll_seconds: float = Field(default=2.0, gt=0, le=60)
+    api_stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    api_stream_send_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     #: Admin API keys (X-API-Key), comma-separated. Several at once let a key be rotated
     #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
     #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.

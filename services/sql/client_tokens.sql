@@ -25,3 +25,8 @@ SELECT id, label, created_at, revoked_at
 
 -- name: client_exists
 SELECT 1 FROM clients WHERE id = %(client_id)s
+
+-- name: client_has_live_token
+-- A stream token stays good only while its owner can still sign in: revoking every token of a
+-- client ends its streams' tokens too.
+SELECT EXISTS (SELECT 1 FROM client_tokens WHERE client_id = %(client_id)s AND revoked_at IS NULL) AS live

@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -16,12 +17,13 @@ from tests.harness.system import wait_until
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """Serves the app until the block ends; yields its base URL."""
+def serving(settings: Settings | Any) -> Iterator[str]:
+    """Serves the app (made from `settings`, or given ready) until the block ends; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    app = create_app(settings) if isinstance(settings, Settings) else settings
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -108,3 +108,4 @@ class WatchedToyHandler:
 
 TOY_UNIT_TABLE = """CREATE TABLE IF NOT EXISTS toy_unit (
     job_id bigint NOT NULL, unit integer NOT NULL, attempt integer NOT NULL, at timestamptz NOT NULL DEFAULT now())"""
+
