@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -53,10 +54,20 @@ class Runtime:
         self._pool_size = pool_size if pool_size is not None else settings.db_pool_max_size
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
+        # The pool is made on first use, which in the API is many request threads at once: one
+        # makes it, the others wait (without the lock each made a pool, and all but one leaked).
+        self._pool_lock = threading.Lock()
 
     # -- database -------------------------------------------------------------------------
     @property
     def pool(self) -> ConnectionPool:
+        pool = self._pool
+        if pool is not None and self._pool_pid == os.getpid():
+            return pool
+        with self._pool_lock:
+            return self._make_pool()
+
+    def _make_pool(self) -> ConnectionPool:
         if self._pool is None or self._pool_pid != os.getpid():
             # A pool inherited across fork() shares sockets with the parent: never reuse it.
             self._pool = ConnectionPool(
