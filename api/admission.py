@@ -120,7 +120,7 @@ class Admission:
                 return
             if outcome == "full":
                 await _refuse(scope, receive, send, 503, "Service unavailable",
-                              "the API is at capacity; retry after the time in Retry-After", "overloaded", 1)
+                              "the API is at capacity; retry after the time in Retry-After", "overloaded", 2)
                 return
             try:
                 await self.app(scope, receive, send)

@@ -6,11 +6,13 @@ not a value silently ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import PydanticCustomError, core_schema
 
 from services.display_text import unsafe_characters
 from services.scoring import DocumentStatus, RequirementState
@@ -26,10 +28,42 @@ def _refuse_unsafe(value: str, *, multiline: bool = False) -> str:
     return value
 
 
-#: Text a person reads on one line (a name, a label): no control, separator or bidi characters.
-DisplayText = AfterValidator(_refuse_unsafe)
-#: The same for text of several lines (a reason), which may also hold line feeds and tabs.
-MultilineText = AfterValidator(lambda value: _refuse_unsafe(value, multiline=True))
+#: What services.display_text refuses, as a regex character class (for the OpenAPI document, so
+#: a client generating requests from it generates acceptable ones): C0 and C1 controls, line and
+#: paragraph separators, bidi controls. (An unpaired surrogate, which no UTF-8 body can carry
+#: but a JSON escape can, is refused too, though a regex class of them confuses generators.)
+_UNSAFE = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE_BUT_LINES = _UNSAFE.replace(r"\x00-\x1f", r"\x00-\x08\x0b-\x1f")
+LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
+NAME_PATTERN = rf"^[^{_UNSAFE}]*[^\s{_UNSAFE}][^{_UNSAFE}]*$"
+MULTILINE_PATTERN = rf"^[^{_UNSAFE_BUT_LINES}]*$"
+
+
+@dataclass(frozen=True)
+class _TextRule:
+    """Refuses unsafe characters with rule `printable_text` (naming them), and documents the
+    rule as the field's `pattern`."""
+
+    pattern: str
+    multiline: bool = False
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            lambda value: _refuse_unsafe(value, multiline=self.multiline), handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        json_schema = handler(schema)
+        json_schema["pattern"] = self.pattern
+        return json_schema
+
+
+#: A name a person reads: not blank; no control, separator or bidi characters.
+DisplayName = _TextRule(NAME_PATTERN)
+#: One line of text (a label; may be empty).
+DisplayText = _TextRule(LINE_PATTERN)
+#: Text of several lines (a reason), which may also hold line feeds and tabs.
+MultilineText = _TextRule(MULTILINE_PATTERN, multiline=True)
 
 
 class StrictModel(BaseModel):

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     #: for a connection. The next api_max_waiting wait at most api_max_wait_seconds for a turn;
     #: past that the API answers 503 with Retry-After at once (api/admission.py).
     api_max_in_flight: int | None = Field(default=None, ge=1, le=1000)
-    api_max_waiting: int = Field(default=256, ge=0, le=100_000)
+    api_max_waiting: int = Field(default=128, ge=0, le=100_000)
     api_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
     #: One caller (one token or key) may run this share of the slots, and have this share of
     #: api_max_waiting waiting, and start this many requests per second (bursts of

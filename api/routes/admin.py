@@ -23,6 +23,7 @@ from api.idempotency import KEY_HEADER, Record, answer_once, answer_once_within,
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, UPLOAD_RESPONSES
 from api.schemas import (
     BreakdownOut,
+    DisplayName,
     DisplayText,
     DocumentOut,
     MultilineText,
@@ -70,9 +71,7 @@ TokenId = Annotated[int, _id("token")]
 JobId = Annotated[int, _id("job")]
 
 #: No NUL characters: PostgreSQL text cannot hold them.
-_NO_NUL = r"^[^\x00]*$"
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL),
-                 DisplayText]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), DisplayName]
 
 
 def _iso_date_only(value: object) -> object:
@@ -125,7 +124,7 @@ class ProvisionedClientOut(BaseModel):
 
 
 class TokenIn(StrictModel):
-    label: Annotated[str, StringConstraints(max_length=100, pattern=_NO_NUL), DisplayText] = ""
+    label: Annotated[str, StringConstraints(max_length=100), DisplayText] = ""
 
 
 class TokenOut(BaseModel):
@@ -240,7 +239,7 @@ class DocumentChangedOut(BaseModel):
 
 
 class RejectIn(StrictModel):
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=_NO_NUL),
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
                       MultilineText] = Field(description="Why, 1-500 characters")
 
 

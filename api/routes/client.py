@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from api.dependencies import Conn, IdempotencyKey, Limits, Store, correlation_id, replay_response
 from api.idempotency import REPLAYED_HEADER, Record, answer_once, answer_once_within, keyed
 from api.problems import COMMON_RESPONSES, PROBLEM_MEDIA_TYPE, UPLOAD_RESPONSES, Problem
-from api.schemas import DisplayText, DocumentOut, PropertyOut, RecalculationRef, StrictModel
+from api.schemas import DisplayName, DocumentOut, PropertyOut, RecalculationRef, StrictModel
 from api.security import Client, ClientCaller, require_client
 from services import property_views
 from services.ai_suggestions import apply_suggestion, suggest_holding_no_connection
@@ -67,15 +67,12 @@ OptionalDate = Annotated[date | None, BeforeValidator(_iso_date_or_empty)]
 #: A multipart field is text: "no expiry" is an empty or absent field, never a JSON null.
 _DATE_OR_EMPTY_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"},
                                                    {"type": "string", "maxLength": 0}]}
-#: Not blank, and no control characters (PostgreSQL text cannot even hold a NUL).
-_NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
 
 
 # -- request and response models -----------------------------------------------------------
 
 class NewPropertyIn(StrictModel):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200,
-                                           pattern=_NAME_PATTERN), DisplayText]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), DisplayName]
     has_gas_supply: StrictBool = Field(default=True, description="False: the property has no gas_safety requirement")
 
 

@@ -182,7 +182,7 @@ def test_a_property_name_with_characters_that_hide_or_reorder_it_is_refused(worl
     with nothing_changes(world):
         response = world.api.post("/api/properties", json={"name": name}, headers=world.tenant.headers)
 
-    assert_problem(response, 422, "name", "printable_text" if "\x07" not in name else "string_pattern_mismatch")
+    assert_problem(response, 422, "name", "printable_text")
 
 
 def test_a_file_name_with_control_characters_is_refused(world: World) -> None:

@@ -51,6 +51,7 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _status_and_body(sock: socket.socket) -> tuple[int, bytes]:
+    """The answer's status and its whole body (Content-Length bytes after the head)."""
     received = b""
     while b"\r\n\r\n" not in received:
         part = sock.recv(65536)
@@ -58,6 +59,13 @@ def _status_and_body(sock: socket.socket) -> tuple[int, bytes]:
             break
         received += part
     head, _, body = received.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
     return int(head.split(b" ", 2)[1]), body
 
 
