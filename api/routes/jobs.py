@@ -132,7 +132,8 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=CONFLICT_RESPONSES)
-def cancel_job(job_id: JobId, watcher: Watcher, conn: Conn, request: Request, response: Response) -> Any:
+def cancel_job(job_id: JobId, watcher: Watcher, conn: Conn, key: IdempotencyKey, request: Request,
+               response: Response) -> Any:
     """Stops the job: one that has not started is cancelled now (200); a running one stops at
     its next unit (202, `cancel_requested: true`). 409 if it already ended or its kind cannot be
     cancelled (an admin asking to cancel a recalculation). Cancelling twice is harmless."""
@@ -189,7 +190,7 @@ def resume_job(job_id: JobId, watcher: Watcher, conn: Conn, key: IdempotencyKey,
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=CONFLICT_RESPONSES)
-def delete_job(job_id: JobId, watcher: Watcher, conn: Conn) -> Response:
+def delete_job(job_id: JobId, watcher: Watcher, conn: Conn, key: IdempotencyKey) -> Response:
     """Forgets a finished job (its owner only); afterwards it answers 404 `deleted`."""
     found = visible_job(conn, watcher, job_id)
     if isinstance(found, JSONResponse):
@@ -200,7 +201,7 @@ def delete_job(job_id: JobId, watcher: Watcher, conn: Conn) -> Response:
         if not watched.forget(conn, job_id):
             return problem_response(409, "Conflict", f"job {job_id} has not ended; cancel it first",
                                     kind="invalid-transition")
-    return Response(status_code=204)
+    return Response(status_code=204, headers={"Idempotency-Key": key})
 
 
 class _Refusal(Exception):

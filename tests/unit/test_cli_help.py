@@ -118,7 +118,8 @@ def test_an_operator_command_without_database_url_exits_2_saying_so(
     ("argv", "message"),
     [
         (["jobs", "--status", "zombie"], "argument --status: invalid choice: 'zombie' (choose from 'pending', "
-                                         "'published', 'running', 'retrying', 'done', 'dead', 'superseded')"),
+                                         "'published', 'running', 'retrying', 'done', 'dead', 'superseded', "
+                                         "'cancelled')"),
         (["jobs", "--limit", "0"], "argument --limit: 0 is out of range; use 1 to 200"),
         (["jobs", "--limit", "lots"], "argument --limit: 'lots' is not a whole number"),
         (["requeue"], "one of the arguments JOB_ID --key --all is required"),
