@@ -91,6 +91,7 @@ class WatchedToyHandler:
         for unit in range(attempt.cursor or 0, units):
             if self.hook is not None:
                 self.hook(attempt, unit)
+            attempt.heartbeat()  # the handler's duty on a long job: its lease outlives each unit
             with attempt.unit() as conn:
                 if unit == payload.get("fail_at_unit") and attempt.attempt <= int(payload.get("fail_attempts", 1)):
                     raise RuntimeError(f"toy failure at unit {unit}")
