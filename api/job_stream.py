@@ -4,8 +4,11 @@ A stream holds no thread and no pooled connection: it is an asyncio task waiting
 The hub listens for `outbox_event` notifications (they carry a job id only), reads the job's
 new events once, in one short query on a small async pool, and hands them to every stream of
 that job. Notifications can be lost (the LISTEN connection dies, a NOTIFY is sent while it
-reconnects), so the hub also polls its jobs every `poll_seconds`: a stream catches up within
-that time whatever happened to the connection. The table is the truth; NOTIFY only wakes.
+reconnects), so whenever the connection is (re)made, and every `poll_seconds` while it is down,
+the hub reads every streamed job again: a stream catches up within that time whatever happened
+to the connection. While the connection lives it is checked every `poll_seconds`, and nothing
+is polled (a live LISTEN connection gets every NOTIFY committed after its LISTEN). The table is
+the truth; NOTIFY only wakes.
 
 A stream that does not keep up (its queue is full: the client stopped reading) is dropped;
 its client reconnects with Last-Event-ID and misses nothing.
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Events a stream may have waiting before it counts as not keeping up.
 QUEUE_DEPTH = 1000
 CHANNEL = "outbox_event"
+#: How the LISTEN connection names itself in pg_stat_activity (operators and tests find it so).
+LISTEN_APPLICATION = "recalq api listen"
 
 
 @dataclass(eq=False)
@@ -47,9 +52,10 @@ class JobStreamHub:
     def __init__(self, conninfo: str, *, poll_seconds: float = 2.0, pool_size: int = 4) -> None:
         self._conninfo = conninfo
         self.poll_seconds = poll_seconds
+        # No check at checkout (it doubles the round trips of every read): a read on a dead
+        # connection fails, the pool replaces it, and the job is read again shortly.
         self._pool = AsyncConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False,
-                                         kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
-                                         name="recalq-streams")
+                                         kwargs={"autocommit": True}, name="recalq-streams")
         self._subs: dict[int, set[Subscription]] = defaultdict(set)
         self._reading: dict[int, asyncio.Task[None]] = {}
         self._again: set[int] = set()
@@ -125,7 +131,8 @@ class JobStreamHub:
                 try:
                     rows = await self.events_after(job_id, after)
                 except (psycopg.Error, OSError) as exc:
-                    log.warning("could not read events of job %s: %s (the next poll retries)", job_id, exc)
+                    log.warning("could not read events of job %s: %s; reading again shortly", job_id, exc)
+                    asyncio.get_running_loop().call_later(0.5, self.wake, job_id)
                     return
                 for sub in list(self._subs.get(job_id, ())):
                     for row in rows:
@@ -155,7 +162,8 @@ class JobStreamHub:
         backoff = 0.5
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
+                                                                 application_name=LISTEN_APPLICATION) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     backoff = 0.5
@@ -164,7 +172,9 @@ class JobStreamHub:
                         async for note in conn.notifies(timeout=self.poll_seconds):
                             with contextlib.suppress(ValueError):
                                 self.wake(int(note.payload))
-                        self._poll_all()
+                        # While the connection lives, every committed event's NOTIFY reaches it:
+                        # no poll, only a check that it does live (a half-open socket raises no
+                        # error by itself). A dead one is found here within poll_seconds + 5 s.
                         await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
             except asyncio.CancelledError:
                 raise

@@ -43,7 +43,9 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/{job_id}/events", responses=STREAM_RESPONSES, response_class=Response)
+@router.get("/{job_id}/events", responses=STREAM_RESPONSES, response_class=Response,
+            # Checked in the handler (a stream token, or these), so documented here.
+            openapi_extra={"security": [{"HTTPBearer": []}, {"APIKeyHeader": []}]})
 async def job_events(
     request: Request,
     job_id: Annotated[int, Path(ge=1, le=2**63 - 1)],

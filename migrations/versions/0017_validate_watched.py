@@ -1,8 +1,8 @@
 """Validates the constraints 0016 added NOT VALID, outside any transaction.
 
 VALIDATE CONSTRAINT in a transaction of its own holds only a SHARE UPDATE EXCLUSIVE lock while
-it scans, so producers and workers keep writing meanwhile. Nothing to undo on downgrade (0016's
-downgrade drops the constraints).
+it scans, so producers and workers keep writing meanwhile. The terminal-status rule then takes
+its old name back; the downgrade gives it the name 0016's downgrade drops.
 
 Revision ID: 0017_validate_watched
 Revises: 0016_watched_jobs
@@ -25,8 +25,12 @@ def upgrade() -> None:
         op.execute("SET lock_timeout = '5s'")
         for name in CONSTRAINTS:
             op.execute(f"ALTER TABLE outbox_job VALIDATE CONSTRAINT {name}")
+        # The replaced rule takes its old name back (tests, docs and operators name it).
+        op.execute("ALTER TABLE outbox_job RENAME CONSTRAINT ck_outbox_job_finished_iff_terminal_v2 "
+                   "TO ck_outbox_job_finished_iff_terminal")
         op.execute("RESET lock_timeout")
 
 
 def downgrade() -> None:
-    pass
+    op.execute("ALTER TABLE outbox_job RENAME CONSTRAINT ck_outbox_job_finished_iff_terminal "
+               "TO ck_outbox_job_finished_iff_terminal_v2")

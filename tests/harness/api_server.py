@@ -23,7 +23,9 @@ def serving(settings: Settings | Any) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(settings) if isinstance(settings, Settings) else settings
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # A bounded graceful shutdown, as `recalq api` has: a stream whose client stopped reading
+    # would otherwise keep the server (and its LISTEN task) alive past the test.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -85,7 +85,7 @@ def stream_in_background(base: str, path: str, headers: dict[str, str]) -> tuple
     return thread, events, status
 
 
-def wait_for(predicate: Any, timeout: float = 15) -> None:
+def wait_for(predicate: Any, timeout: float = 45) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -194,7 +194,8 @@ def test_with_its_listen_connection_killed_a_stream_catches_up_within_the_poll_i
         wait_for(lambda: events)
         with psycopg.connect(prepared, autocommit=True) as conn:
             killed = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                  "WHERE datname = current_database() AND query LIKE 'LISTEN%%'").fetchone()[0]
+                                  "WHERE datname = current_database() AND application_name = 'recalq api listen'"
+                                  ).fetchone()[0]
         assert killed >= 1
         run(prepared, job_id)
         thread.join(30)

@@ -68,6 +68,14 @@ def schema(url: str) -> dict[str, str]:
         return dict(conn.execute(SCHEMA_SQL).fetchall())
 
 
+def below_0015(found: dict[str, str]) -> dict[str, str]:
+    """A schema as a revision older than 0015 sees it. PostgreSQL cannot drop an enum value, so
+    a downgrade past 0015 keeps `cancelled` in outbox_job_status (no row can hold it once 0016 is
+    undone, and re-upgrading is a no-op): the one difference a downgrade may leave, and only that."""
+    key = "type outbox_job_status e"
+    return {**found, key: found[key].replace(",cancelled", "")} if key in found else found
+
+
 def script_directory() -> ScriptDirectory:
     return ScriptDirectory.from_config(migrate.alembic_config("postgresql+psycopg://unused/unused"))
 
@@ -198,7 +206,7 @@ def test_downgrading_the_min_interval_revision_restores_outbox_v2_and_drops_the_
 
         migrate.downgrade(settings, ENQUEUE_V2)
         assert alembic_revision(url) == [ENQUEUE_V2]
-        assert schema(url) == schema(v2), "the downgrade leaves exactly what 0007 built"
+        assert below_0015(schema(url)) == schema(v2), "the downgrade leaves exactly what 0007 built"
         with psycopg.connect(url) as conn:
             [property_id] = provision(conn)
             assert upload(conn, property_id) > 0
@@ -228,7 +236,7 @@ def test_downgrading_the_queue_view_v2_revision_restores_view_v1_and_drops_its_i
 
         migrate.downgrade(settings, MIN_INTERVAL)
         assert alembic_revision(url) == [MIN_INTERVAL]
-        assert schema(url) == schema(v1), "the downgrade leaves exactly what 0008 built"
+        assert below_0015(schema(url)) == schema(v1), "the downgrade leaves exactly what 0008 built"
         with psycopg.connect(url) as conn:
             assert conn.execute(
                 "SELECT count(*) FROM compliance_recalc_queue WHERE property_id = %s", [property_id]

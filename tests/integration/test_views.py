@@ -231,7 +231,7 @@ def test_the_queue_state_counts_jobs_per_task_and_status_with_ages_lag_and_recen
     with conn.cursor(row_factory=dict_row) as cur:
         state = {(r.pop("task"), r.pop("status")): r for r in cur.execute("SELECT * FROM outbox_queue_state")}
 
-    statuses = ["pending", "published", "running", "retrying", "done", "dead", "superseded"]
+    statuses = ["pending", "published", "running", "retrying", "done", "dead", "superseded", "cancelled"]
     assert set(state) == {(task, status) for task in (TASK, OTHER_TASK) for status in statuses}
     jobs = {key: row["jobs"] for key, row in state.items() if key[0] == TASK}
     assert jobs == {
@@ -242,6 +242,7 @@ def test_the_queue_state_counts_jobs_per_task_and_status_with_ages_lag_and_recen
         (TASK, "dead"): 1,
         (TASK, "done"): None,
         (TASK, "superseded"): None,
+        (TASK, "cancelled"): None,
     }
 
     pending = state[TASK, "pending"]
@@ -263,6 +264,7 @@ def test_the_queue_state_counts_jobs_per_task_and_status_with_ages_lag_and_recen
         "done": (1, 2),
         "dead": (1, 1),
         "superseded": (1, 1),
+        "cancelled": (0, 0),
     }
     assert state[TASK, "done"]["per_second_5m"] == Decimal("0.007")
 
