@@ -34,7 +34,7 @@ import psycopg
 from bench.report import RESULTS_DIR, error_result, format_table, result, row, write_json
 
 MODULES = ("enqueue_overhead", "relay_throughput", "e2e_latency", "worker_throughput", "burst_coalescing", "scale",
-           "api_load")
+           "api_load", "job_stream_fanout")
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
