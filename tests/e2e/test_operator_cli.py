@@ -101,7 +101,8 @@ def test_status_prints_the_jobs_of_each_status_as_the_view_holds_them_with_a_sum
     assert result.returncode == 0, result.stderr
     table = status_table(result.stdout)
     view = {row[0]: row[1] for row in db.execute("SELECT status::text, jobs FROM outbox_queue_state").fetchall()}
-    assert set(table) == set(view) == {"pending", "published", "running", "retrying", "done", "dead", "superseded", "cancelled"}
+    assert set(table) == set(view) == {"pending", "published", "running", "retrying", "done", "dead", "superseded",
+                                       "cancelled"}
     for status, jobs in view.items():
         assert table[status]["jobs"] == ("-" if jobs is None else str(jobs)), (status, result.stdout)
     assert (table["pending"]["jobs"], table["dead"]["jobs"], table["running"]["jobs"]) == ("3", "1", "0")
