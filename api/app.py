@@ -61,7 +61,7 @@ class Health(BaseModel):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    runtime = Runtime(settings, pool_size=settings.api_db_pool_size)
+    runtime = Runtime(settings, pool_size=settings.api_db_pool_size, check_connections=True)
 
     streams = JobStreamHub(settings.conninfo, poll_seconds=settings.api_stream_poll_seconds)
 

@@ -47,11 +47,15 @@ def utc_today() -> date:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, pool_size: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, pool_size: int | None = None, check_connections: bool = False) -> None:
         """`pool_size`: this process's connections (the API's is its own setting); None:
-        db_pool_max_size, what each worker child gets."""
+        db_pool_max_size, what each worker child gets. `check_connections`: test each connection
+        at checkout (the API: a request must not fail on a session the server dropped while it
+        sat in the pool). Workers skip it, it would cost every job several round trips: a
+        dropped connection there is an infrastructure error, retried without spending an attempt."""
         self.settings = settings
         self._pool_size = pool_size if pool_size is not None else settings.db_pool_max_size
+        self._check_connections = check_connections
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
         # The pool is made on first use, which in the API is many request threads at once: one
@@ -83,7 +87,7 @@ class Runtime:
                 # A connection the server dropped while it sat in the pool (a restart, a killed
                 # session, an idle timeout) is found and replaced at checkout, for the price of
                 # one round trip, instead of failing the request that drew it.
-                check=ConnectionPool.check_connection,
+                check=ConnectionPool.check_connection if self._check_connections else None,
                 open=True,
                 name="recalq",
             )
