@@ -41,6 +41,15 @@ SERVER_KEY_PREFIX = "srv_"
 Record = Callable[[psycopg.Connection, BaseModel], None]
 
 
+class AnswerInstead(Exception):
+    """Raised inside a change to refuse it with `response` (a problem document): the change's
+    transaction rolls back, nothing is stored under the key, and the caller is answered with it."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
 def keyed(request: Request, actor: Actor, key: str, values: Any = None) -> KeyedRequest:
     """The change this request asks for, under the caller's key: its path is the route's as
     sent (so the same key on another property is another request) and `values` is everything
@@ -55,7 +64,8 @@ def answer_once(
     *,
     replay_as: Callable[[M], BaseModel] | None = None,
 ) -> M | JSONResponse:
-    """Replays the stored answer, or runs `change` in one transaction with storing its answer.
+    """Replays the stored answer, or runs `change` in one transaction with storing its answer
+    (a change that raises AnswerInstead is refused with that answer, storing nothing).
     `replay_as` is what a retry is told when it differs from the first answer (a secret shown
     once is not shown again)."""
 
@@ -87,6 +97,8 @@ def answer_once_within(
 
     try:
         return change(record)
+    except AnswerInstead as refused:
+        return refused.response
     except (AnswerAlreadyStored, DuplicateRequest):
         # A concurrent request under the key committed first; this one rolled back.
         first = stored_answer(conn, request)

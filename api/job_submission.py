@@ -15,21 +15,14 @@ from typing import Any
 
 import psycopg
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from api.dependencies import correlation_id
-from api.idempotency import answer_once, keyed
+from api.idempotency import AnswerInstead, answer_once, keyed
 from api.problems import problem_response
-from api.routes.jobs import JobOut, job_out
+from api.routes.jobs import JobOut, active_job_problem, job_out
 from api.security import WatcherCaller
 from outbox import job_views, watched
 from outbox.errors import ActiveJobExists, CoolingDown
-
-
-class _Refused(Exception):
-    def __init__(self, response: JSONResponse) -> None:
-        super().__init__("refused")
-        self.response = response
 
 
 def submit_job(
@@ -52,20 +45,14 @@ def submit_job(
                                   correlation_id=correlation_id(watcher.actor, key), trigger_reason="submitted",
                                   actor_type=watcher.actor.type, actor_id=watcher.actor.id)
         except ActiveJobExists as active:
-            raise _Refused(problem_response(
-                409, "Conflict", f"job {active.active_job_id} is already running for this; watch it or cancel it",
-                kind="active-job", extra={"active_job_id": active.active_job_id},
-                headers={"Location": f"/api/jobs/{active.active_job_id}"})) from active
+            raise AnswerInstead(active_job_problem(active.active_job_id)) from active
         except CoolingDown as cooling:
             wait = max(1, math.ceil(cooling.retry_after_seconds or 1))
-            raise _Refused(problem_response(
+            raise AnswerInstead(problem_response(
                 429, "Too many requests", f"the last one finished moments ago; submit again in {wait} s",
                 kind="cooling-down", headers={"Retry-After": str(wait)})) from cooling
         snap = job_views.snapshot(conn, made.job_id)
         assert snap is not None
         return job_out(request, snap, owner_view=True)
 
-    try:
-        return answer_once(conn, keyed(request, watcher.actor, key, values), change)
-    except _Refused as refused:
-        return refused.response
+    return answer_once(conn, keyed(request, watcher.actor, key, values), change)

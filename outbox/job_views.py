@@ -93,9 +93,12 @@ class Tombstone:
 
 def snapshot(conn: Connectionish, job_id: int) -> JobSnapshot | None:
     """The watched job, or None (no such job, or not a watched one)."""
-    row = fetch_one(conn, QUERIES["watched_job_snapshot"], {"job_id": job_id})
-    if row is None:
-        return None
+    rows = fetch_all(conn, QUERIES["watched_job_snapshots"], {"job_ids": [job_id]})
+    return snapshot_from_row(rows[0]) if rows else None
+
+
+def snapshot_from_row(row: dict[str, Any]) -> JobSnapshot:
+    """A row of `watched_job_snapshots`, however it was read (the stream reads it async)."""
     stages = tuple(StageView(i + 1, s["key"], s["display"]) for i, s in enumerate(row["stages"] or []))
     index = row["stage_index"]
     return JobSnapshot(
@@ -111,10 +114,12 @@ def snapshot(conn: Connectionish, job_id: int) -> JobSnapshot | None:
 
 def jobs_of_owner(conn: Connectionish, owner: str, task: str, *, limit: int = 50,
                   before_id: int | None = None) -> list[JobSnapshot]:
-    rows = fetch_all(conn, QUERIES["watched_jobs_of_owner"],
-                     {"owner": owner, "task": task, "limit": limit, "before_id": before_id})
-    found = (snapshot(conn, row["id"]) for row in rows)
-    return [s for s in found if s is not None]
+    """A page of the owner's jobs of one kind: two queries, whatever the page's size."""
+    ids = [row["id"] for row in fetch_all(conn, QUERIES["watched_jobs_of_owner"],
+                                          {"owner": owner, "task": task, "limit": limit, "before_id": before_id})]
+    if not ids:
+        return []
+    return [snapshot_from_row(row) for row in fetch_all(conn, QUERIES["watched_job_snapshots"], {"job_ids": ids})]
 
 
 def events_after(conn: Connectionish, job_id: int, after_seq: int, limit: int = EVENTS_PER_READ) -> list[JobEvent]:

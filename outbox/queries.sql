@@ -313,15 +313,16 @@ DELETE FROM outbox_tombstone
  WHERE job_id = ANY(ARRAY(SELECT job_id FROM outbox_tombstone WHERE keep_until < now()
                           ORDER BY keep_until LIMIT %(limit)s))
 
--- name: watched_job_snapshot
--- What a watcher is shown of one job: its row and its progress side row.
+-- name: watched_job_snapshots
+-- What a watcher is shown of these jobs (newest first): each one's row and progress side row.
 SELECT j.id, j.task, j.owner, j.status::text AS status, j.attempts, j.max_attempts, j.stages, j.result, j.error,
        j.cancel_requested_at, j.created_at, j.started_at, j.finished_at, j.expires_at, j.resumed_from,
        p.stage, p.stage_index, p.fraction, p.message, p.current_units, p.total_units, p.last_seq,
        p.updated_at AS progress_at
   FROM outbox_job j
   LEFT JOIN outbox_progress p ON p.job_id = j.id
- WHERE j.id = %(job_id)s AND j.watched
+ WHERE j.id = ANY(%(job_ids)s::bigint[]) AND j.watched
+ ORDER BY j.id DESC
 
 -- name: watched_jobs_of_owner
 -- A watcher's own jobs of one kind, newest first, keyset-paged (ix_outbox_job_owner_task).

@@ -26,9 +26,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.job_stream import JobStreamHub, is_final
 from api.problems import problem_response
+from api.routes.jobs import job_state
 from api.security import ADMIN_KEY_HEADER
 from api.stream_tokens import StreamTokens, TokenRefused
-from outbox.user_status import LIVE, user_status
+from outbox.job_views import snapshot_from_row
 from services import client_tokens
 from services.queries import QUERIES as SERVICE_QUERIES
 
@@ -58,10 +59,11 @@ async def job_events(
     if isinstance(caller, Response):
         return caller
     owner, is_admin = caller
-    snap = await hub.fetch_one("watched_job_snapshot", {"job_id": job_id})
-    if snap is None or not (is_admin or snap["owner"] == owner):
+    row = await hub.fetch_one("watched_job_snapshots", {"job_ids": [job_id]})
+    snap = snapshot_from_row(row) if row is not None else None
+    if snap is None or not (is_admin or snap.owner == owner):
         return await _not_found(hub, job_id, owner)
-    if token is not None and not await _owner_can_still_sign_in(hub, snap["owner"]):
+    if token is not None and not await _owner_can_still_sign_in(hub, snap.owner):
         return _unauthorized("the stream token's owner can no longer sign in")
 
     streams: Counter[str] = request.app.state.streams_per_owner
@@ -70,13 +72,13 @@ async def job_events(
         return problem_response(429, "Too many requests", f"at most {settings.api_max_streams_per_owner} open "
                                 "streams per owner; close one", kind="too-many-streams", headers={"Retry-After": "5"})
 
-    last_seq = snap["last_seq"] or 0
-    live = user_status(snap["status"]) in LIVE
+    last_seq = snap.last_seq
+    live = not snap.final
     seen = _parse_seq(last_event_id)
     first_event: ServerSentEvent
     if seen is not None and not live and seen >= last_seq:
         return Response(status_code=204)
-    body = _snapshot_body(snap, owner_view=not is_admin)
+    body = job_state(snap, owner_view=not is_admin).model_dump(mode="json")
     if seen is None:
         # A finished job's snapshot carries no id: its final event follows with the last one.
         first_event = _event("snapshot", body, last_seq if live else None)
@@ -166,22 +168,6 @@ def _parse_seq(value: str | None) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value.strip())
-
-
-def _snapshot_body(snap: dict[str, Any], *, owner_view: bool) -> dict[str, Any]:
-    stages = snap["stages"] or []
-    index = snap["stage_index"]
-    stage = stages[index] if index is not None and index < len(stages) else None
-    return {
-        "id": snap["id"], "kind": snap["task"], "status": user_status(snap["status"]).value,
-        "attempt": snap["attempts"], "seq": snap["last_seq"] or 0,
-        "stage": {"number": index + 1, "key": stage["key"], "display": stage["display"]} if stage else None,
-        "stages": len(stages),
-        "progress": {"fraction": snap["fraction"], "message": snap["message"], "current": snap["current_units"],
-                     "total": snap["total_units"]},
-        "result": snap["result"] if owner_view else None, "error": snap["error"],
-        "cancel_requested": snap["cancel_requested_at"] is not None,
-    }
 
 
 def _event(kind: str, data: dict[str, Any], seq: int | None) -> ServerSentEvent:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.dependencies import Conn, IdempotencyKey, correlation_id
-from api.idempotency import answer_once, keyed
+from api.idempotency import AnswerInstead, answer_once, keyed
 from api.problems import COMMON_RESPONSES, CONFLICT_RESPONSES, problem_response
 from api.security import Watcher
 from outbox import job_views, watched
@@ -44,7 +44,9 @@ class ProgressOut(BaseModel):
     total: int | None
 
 
-class JobOut(BaseModel):
+class JobStateOut(BaseModel):
+    """What a watcher is told of a job: also the data of its stream's `snapshot` event."""
+
     id: int
     kind: str
     status: UserStatus = Field(description="queued | running | done | failed | cancelled")
@@ -62,6 +64,9 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     elapsed_seconds: float | None
     seq: int = Field(description="The last event's number: the stream's Last-Event-ID and this answer's ETag")
+
+
+class JobOut(JobStateOut):
     status_url: str
     stream_url: str = Field(description="Server-Sent Events of this job; carries a token for an EventSource")
 
@@ -71,18 +76,21 @@ class JobPageOut(BaseModel):
     next_before_id: int | None
 
 
-def job_out(request: Request, snap: JobSnapshot, *, owner_view: bool) -> JobOut:
-    tokens = request.app.state.stream_tokens
-    stream = f"/api/jobs/{snap.id}/events?token={tokens.sign(snap.id, snap.owner)}"
-    return JobOut(
+def job_state(snap: JobSnapshot, *, owner_view: bool) -> JobStateOut:
+    return JobStateOut(
         id=snap.id, kind=snap.task, status=snap.user_status, attempt=snap.attempt, max_attempts=snap.max_attempts,
         stage=_stage(snap.stage) if snap.stage else None, stages=[_stage(s) for s in snap.stages],
         progress=ProgressOut(fraction=snap.fraction, message=snap.message, current=snap.current, total=snap.total),
         result=snap.result if owner_view else None, error=snap.error, cancel_requested=snap.cancel_requested,
         resumed_from=snap.resumed_from, created_at=snap.created_at, started_at=snap.started_at,
         finished_at=snap.finished_at, elapsed_seconds=snap.elapsed_seconds(datetime.now(UTC)), seq=snap.last_seq,
-        status_url=f"/api/jobs/{snap.id}", stream_url=stream,
     )
+
+
+def job_out(request: Request, snap: JobSnapshot, *, owner_view: bool) -> JobOut:
+    token = request.app.state.stream_tokens.sign(snap.id, snap.owner)
+    return JobOut(**dict(job_state(snap, owner_view=owner_view)), status_url=f"/api/jobs/{snap.id}",
+                  stream_url=f"/api/jobs/{snap.id}/events?token={token}")
 
 
 def _stage(stage: job_views.StageView) -> StageOut:
@@ -174,19 +182,23 @@ def resume_job(job_id: JobId, watcher: Watcher, conn: Conn, key: IdempotencyKey,
                                      trigger_reason="resume", actor_type=watcher.actor.type,
                                      actor_id=watcher.actor.id)
         except ResumeRefused as refused:
-            raise _Refusal(refused) from refused
+            if refused.reason == "active" and refused.active_job_id is not None:
+                raise AnswerInstead(active_job_problem(refused.active_job_id)) from refused
+            raise AnswerInstead(problem_response(
+                409, "Conflict", f"job {job_id} is {found.user_status}; only a failed or cancelled job can be "
+                "resumed", kind="invalid-transition")) from refused
         snap = job_views.snapshot(conn, resumed)
         assert snap is not None
         return job_out(request, snap, owner_view=not watcher.is_admin)
 
-    try:
-        return answer_once(conn, keyed(request, watcher.actor, key), change)
-    except _Refusal as refusal:
-        if refusal.refused.reason == "active":
-            return problem_response(409, "Conflict", f"job {refusal.refused.active_job_id} of this kind is active",
-                                    kind="active-job", extra={"active_job_id": refusal.refused.active_job_id})
-        return problem_response(409, "Conflict", f"job {job_id} is {found.user_status}; only a failed or "
-                                "cancelled job can be resumed", kind="invalid-transition")
+    return answer_once(conn, keyed(request, watcher.actor, key), change)
+
+
+def active_job_problem(active_job_id: int) -> JSONResponse:
+    """A submission or resume refused because the kind's lock is held: the job that holds it."""
+    return problem_response(409, "Conflict", f"job {active_job_id} is already running for this; watch it or cancel "
+                            "it", kind="active-job", extra={"active_job_id": active_job_id},
+                            headers={"Location": f"/api/jobs/{active_job_id}"})
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=CONFLICT_RESPONSES)
@@ -203,8 +215,3 @@ def delete_job(job_id: JobId, watcher: Watcher, conn: Conn, key: IdempotencyKey)
                                     kind="invalid-transition")
     return Response(status_code=204, headers={"Idempotency-Key": key})
 
-
-class _Refusal(Exception):
-    def __init__(self, refused: ResumeRefused) -> None:
-        super().__init__(str(refused))
-        self.refused = refused
