@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import psycopg
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
+from api.queries import QUERIES
+
 #: How long a token opens its stream (DESIGN: at least 15 minutes).
 TOKEN_LIFETIME_S = 30 * 60
 #: How often a process re-reads the keys (a rotation reaches every process within this).
@@ -101,10 +103,7 @@ class StreamTokens:
 
 def _load_keys(conn: psycopg.Connection) -> list[tuple[str, bytes, bool]]:
     """Every key that still verifies, newest first, with whether it is active (signs)."""
-    rows = conn.execute(
-        "SELECT kid, secret, retired_at IS NULL FROM api_signing_key"
-        " WHERE retired_at IS NULL OR retired_at > now() ORDER BY created_at DESC, kid"
-    ).fetchall()
+    rows = conn.execute(QUERIES["verifying_keys"]).fetchall()
     return [(r[0], bytes(r[1]), bool(r[2])) for r in rows]
 
 
@@ -113,13 +112,11 @@ def rotate(conn: psycopg.Connection, *, grace_s: float = TOKEN_LIFETIME_S) -> st
     they signed stays good until it would have expired anyway). Concurrent first starts of several
     processes make one key: the advisory lock serialises them and the second finds the first's."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('recalq.api_signing_key', 0))")
-        active = conn.execute("SELECT kid FROM api_signing_key WHERE retired_at IS NULL "
-                              "AND created_at > now() - interval '1 second'").fetchone()
+        conn.execute(QUERIES["lock_signing_keys"])
+        active = conn.execute(QUERIES["fresh_signing_key"]).fetchone()
         if active is not None:
             return str(active[0])
-        conn.execute("UPDATE api_signing_key SET retired_at = now() + make_interval(secs => %s) "
-                     "WHERE retired_at IS NULL", [grace_s])
+        conn.execute(QUERIES["retire_signing_keys"], {"grace_s": grace_s})
         kid = secrets.token_urlsafe(9)
-        conn.execute("INSERT INTO api_signing_key (kid, secret) VALUES (%s, %s)", [kid, secrets.token_bytes(32)])
+        conn.execute(QUERIES["insert_signing_key"], {"kid": kid, "secret": secrets.token_bytes(32)})
     return kid

@@ -72,6 +72,7 @@ from bench.api_load import (
     Server,
     _checked,
     _machine_ticks,
+    _ms,
     api_env,
     call,
     free_port,
@@ -618,12 +619,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 # -- report -------------------------------------------------------------------------------------------
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-
 
 def _statuses(counts: dict[str, int]) -> str:
     return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-"

@@ -352,3 +352,16 @@ SELECT job_id, task, owner, reason, finished_at, created_at, keep_until
 -- name: resume_job
 SELECT job_id, refusal FROM outbox_resume(%(job_id)s, %(correlation_id)s, %(trigger_reason)s, %(actor_type)s,
                                           %(actor_id)s)
+
+-- name: register_watched_task
+-- A watched kind's policy row, made or brought up to date by its set-up (idempotent).
+INSERT INTO outbox_task (name, description, watched, stages, mode, cancellable, queue, lease_seconds,
+                         time_limit_seconds, soft_time_limit_seconds, heartbeats, max_attempts, cooldown)
+VALUES (%(name)s, %(description)s, true, %(stages)s, %(mode)s, %(cancellable)s, %(queue)s,
+        %(lease)s, %(limit)s, %(soft)s, %(heartbeats)s, %(attempts)s, make_interval(secs => %(cooldown)s))
+ON CONFLICT (name) DO UPDATE SET
+    description = EXCLUDED.description, watched = true, stages = EXCLUDED.stages,
+    mode = EXCLUDED.mode, cancellable = EXCLUDED.cancellable, queue = EXCLUDED.queue,
+    lease_seconds = EXCLUDED.lease_seconds, time_limit_seconds = EXCLUDED.time_limit_seconds,
+    soft_time_limit_seconds = EXCLUDED.soft_time_limit_seconds, heartbeats = EXCLUDED.heartbeats,
+    max_attempts = EXCLUDED.max_attempts, cooldown = EXCLUDED.cooldown

@@ -132,16 +132,7 @@ def register_watched_task(
 ) -> None:
     """Registers (or updates) a watched task's row; each kind's migration or set-up calls it."""
     conn.execute(
-        """INSERT INTO outbox_task (name, description, watched, stages, mode, cancellable, queue, lease_seconds,
-                                    time_limit_seconds, soft_time_limit_seconds, heartbeats, max_attempts, cooldown)
-           VALUES (%(name)s, %(description)s, true, %(stages)s, %(mode)s, %(cancellable)s, %(queue)s,
-                   %(lease)s, %(limit)s, %(soft)s, %(heartbeats)s, %(attempts)s, make_interval(secs => %(cooldown)s))
-           ON CONFLICT (name) DO UPDATE SET
-               description = EXCLUDED.description, watched = true, stages = EXCLUDED.stages,
-               mode = EXCLUDED.mode, cancellable = EXCLUDED.cancellable, queue = EXCLUDED.queue,
-               lease_seconds = EXCLUDED.lease_seconds, time_limit_seconds = EXCLUDED.time_limit_seconds,
-               soft_time_limit_seconds = EXCLUDED.soft_time_limit_seconds, heartbeats = EXCLUDED.heartbeats,
-               max_attempts = EXCLUDED.max_attempts, cooldown = EXCLUDED.cooldown""",
+        QUERIES["register_watched_task"],
         {"name": name, "description": description, "stages": Jsonb([s.as_json() for s in stages]), "mode": mode,
          "cancellable": cancellable, "queue": queue, "lease": lease_seconds, "limit": time_limit_seconds,
          "soft": soft_time_limit_seconds, "heartbeats": heartbeats, "attempts": max_attempts,

@@ -71,6 +71,14 @@ def units(db: psycopg.Connection, job_id: int) -> list[tuple[int, int]]:
         "SELECT unit, attempt FROM toy_unit WHERE job_id = %s ORDER BY unit, attempt", [job_id])]
 
 
+def start(database_url: str, job_id: int) -> int:
+    """Starts an attempt of the job as a worker would, outside the runner; returns its number."""
+    with psycopg.connect(database_url) as conn:
+        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
+    assert started.attempt is not None, started
+    return started.attempt
+
+
 def due_now(db: psycopg.Connection, job_id: int) -> None:
     db.execute("UPDATE outbox_job SET next_run_at = now() WHERE id = %s", [job_id])
 
@@ -100,15 +108,13 @@ def test_progress_from_an_attempt_that_lost_its_job_is_refused_and_writes_nothin
     db: psycopg.Connection, database_url: str
 ) -> None:
     job_id = submit(database_url, units=2)
-    with psycopg.connect(database_url) as conn:
-        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
+    attempt = start(database_url, job_id)
     db.execute("UPDATE outbox_job SET lease_expires_at = now() - interval '1 second' WHERE id = %s", [job_id])
-    with psycopg.connect(database_url) as conn:
-        assert lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60).attempt == 2  # taken over
+    assert start(database_url, job_id) == 2  # taken over
     before = events(db, job_id)
 
     with pytest.raises(FencedOut):
-        ProgressWriter(job_id, started.attempt or 0).report(lambda: psycopg.connect(database_url), stage="work")
+        ProgressWriter(job_id, attempt).report(lambda: psycopg.connect(database_url), stage="work")
 
     assert events(db, job_id) == before
 
@@ -186,12 +192,11 @@ def test_a_failure_after_a_cancel_request_ends_the_job_cancelled_not_retried(
     db: psycopg.Connection, database_url: str
 ) -> None:
     job_id = submit(database_url, units=3)
-    with psycopg.connect(database_url) as conn:
-        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
+    attempt = start(database_url, job_id)
     assert watched.cancel(db, job_id) is CancelOutcome.REQUESTED
 
     with psycopg.connect(database_url) as conn:
-        outcome = lifecycle.fail(conn, job_id, started.attempt or 0, error="boom", retryable=True, retry_in_seconds=0)
+        outcome = lifecycle.fail(conn, job_id, attempt, error="boom", retryable=True, retry_in_seconds=0)
 
     assert outcome is lifecycle.FailOutcome.CANCELLED
     assert job(db, job_id)["status"] == "cancelled"
@@ -202,8 +207,7 @@ def test_a_cancelled_job_whose_worker_died_is_cancelled_not_taken_over(
     db: psycopg.Connection, database_url: str
 ) -> None:
     job_id = submit(database_url, units=3)
-    with psycopg.connect(database_url) as conn:
-        lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
+    start(database_url, job_id)
     assert watched.cancel(db, job_id) is CancelOutcome.REQUESTED
     db.execute("UPDATE outbox_job SET lease_expires_at = now() - interval '1 second' WHERE id = %s", [job_id])
 
@@ -249,9 +253,8 @@ def test_a_flood_of_progress_reports_writes_about_one_event_a_second_and_every_s
     db: psycopg.Connection, database_url: str
 ) -> None:
     job_id = submit(database_url, units=1)
-    with psycopg.connect(database_url) as conn:
-        started = lifecycle.start(conn, job_id, redelivered=False, lease_seconds=60)
-    writer = ProgressWriter(job_id, started.attempt or 0)
+    attempt = start(database_url, job_id)
+    writer = ProgressWriter(job_id, attempt)
     connect = lambda: psycopg.connect(database_url)  # noqa: E731
     before = len(events(db, job_id))
 
@@ -306,7 +309,7 @@ def test_a_snapshot_shows_the_stage_by_number_and_words_and_its_last_seq_is_the_
     done = job_views.snapshot(db, job_id)
 
     assert done is not None and done.final and done.user_status == "done"
-    assert (done.stage.number, done.stage.key) == (3, "finish") if done.stage else False
+    assert done.stage is not None and (done.stage.number, done.stage.key) == (3, "finish")
     assert done.last_seq == events(db, job_id)[-1]["seq"]
     assert [e.seq for e in job_views.events_after(db, job_id, done.last_seq - 1)] == [done.last_seq]
     assert job_views.snapshot(db, 999_999) is None and job_views.tombstone(db, 999_999) is None

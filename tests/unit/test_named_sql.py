@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QUERY_FILES = {
     "outbox.queries": [ROOT / "outbox" / "queries.sql"],
     "services.queries": sorted((ROOT / "services" / "sql").glob("*.sql")),
+    "api.queries": sorted((ROOT / "api" / "sql").glob("*.sql")),
 }
 SOURCE_PACKAGES = ("outbox", "services", "recalq", "tasks", "api")
 _LOOKUP = re.compile(r"""QUERIES\[\s*["']([^"']+)["']\s*\]""")
