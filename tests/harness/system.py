@@ -1,4 +1,4 @@
-"""Real recalq processes for end-to-end and fault tests: workers and relays as subprocesses.
+"""Real recalq processes for end-to-end and fault tests: workers, relays and APIs as subprocesses.
 
 Each test system gets its own Celery queue, so tests never consume each other's messages,
 and every wait is a bounded poll on Postgres, never a sleep.
@@ -172,6 +172,16 @@ class System:
         if not proc.ready.wait(60) or proc.popen.poll() is not None:
             raise AssertionError(f"beat did not start:\n{proc.output()}")
         return proc
+
+    def start_api(self, env: dict[str, str] | None = None) -> tuple[Process, str]:
+        """A real `recalq api` on a port the kernel picks; returns it and its base URL (read from
+        uvicorn's "running on" line, so no port is guessed and raced for)."""
+        proc = self._spawn(f"api{len(self.processes)}", [sys.executable, "-m", "recalq", "api"],
+                           ready_marker="Uvicorn running on", env={"RECALQ_API_PORT": "0", **(env or {})})
+        if not proc.ready.wait(60) or proc.popen.poll() is not None:
+            raise AssertionError(f"api did not start:\n{proc.output()}")
+        line = next(line for line in proc.lines if "Uvicorn running on" in line)
+        return proc, line.split("Uvicorn running on ", 1)[1].split()[0]
 
     def kill(self, proc: Process, sig: int = signal.SIGKILL) -> None:
         if proc.popen.poll() is None:

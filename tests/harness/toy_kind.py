@@ -12,12 +12,15 @@ with one more entry in `job_kinds`. Its payload scripts what an attempt does:
 from __future__ import annotations
 
 import time
+import uuid
 from functools import cache
 from typing import Any
 
 import psycopg
 
-from outbox.runner import Attempt, DeadJob, Handler
+from outbox import watched
+from outbox.backoff import RetryPolicy
+from outbox.runner import Attempt, DeadJob, Handler, JobRunner, RunnerPolicy
 from outbox.watched import Stage, register_watched_task
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
@@ -110,3 +113,22 @@ class WatchedToyHandler:
 TOY_UNIT_TABLE = """CREATE TABLE IF NOT EXISTS toy_unit (
     job_id bigint NOT NULL, unit integer NOT NULL, attempt integer NOT NULL, at timestamptz NOT NULL DEFAULT now())"""
 
+
+
+#: Retries a test can wait out: a second, then at most five.
+TOY_POLICY = RunnerPolicy(retry=RetryPolicy(base_seconds=1, max_seconds=5), infra_retry=RetryPolicy(1, 5),
+                          busy_retry_seconds=0.1)
+
+
+def submit_watched_toy(database_url: str, owner_id: int | str, **payload: Any) -> int:
+    """A watched toy job for client `owner_id`, committed on its own connection; its id."""
+    with psycopg.connect(database_url) as conn:
+        return watched.submit(conn, task=WATCHED_TASK, coalescing_key=f"toy:{uuid.uuid4().hex}", payload=payload,
+                              correlation_id=uuid.uuid4().hex, trigger_reason="test", actor_type="client",
+                              actor_id=str(owner_id)).job_id
+
+
+def run_watched_toy(database_url: str, job_id: int, hook: Any = None) -> Any:
+    """One attempt of the watched toy in this process, as a worker would run it."""
+    return JobRunner(handler=WatchedToyHandler(hook), connection=lambda: psycopg.connect(database_url),
+                     policy=TOY_POLICY).run(job_id)

@@ -1,13 +1,10 @@
 """A watched job's Server-Sent Events over real sockets (uvicorn in a thread, real PostgreSQL):
-order, ids, Last-Event-ID, resync, 204 after the end, tokens, the LISTEN connection's loss,
-several API processes, and a client that stops reading."""
+order, ids, Last-Event-ID, resync, 204 after the end, tokens, gzip, the cap on streams and the
+LISTEN connection's loss. Several real API processes, a stopped client and SIGTERM with open
+streams are tests/e2e/test_job_streams_across_processes.py."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +14,10 @@ import psycopg
 import pytest
 
 from api.app import create_app
-from outbox import watched
-from outbox.backoff import RetryPolicy
-from outbox.runner import JobRunner, RunnerPolicy
 from tests.harness.api import TenantClient, api_settings, new_tenant
 from tests.harness.api_server import serving
-from tests.harness.toy_kind import TOY_UNIT_TABLE, WATCHED_TASK, WatchedToyHandler, register_watched_toy
-
-POLICY = RunnerPolicy(retry=RetryPolicy(base_seconds=1, max_seconds=5), infra_retry=RetryPolicy(1, 5),
-                      busy_retry_seconds=0.1)
+from tests.harness.sse import read_stream, stream_in_background, wait_for
+from tests.harness.toy_kind import TOY_UNIT_TABLE, register_watched_toy, run_watched_toy, submit_watched_toy
 
 
 @pytest.fixture
@@ -43,53 +35,11 @@ def base(prepared: str, tmp_path: Path) -> Iterator[str]:
 
 
 def submit(database_url: str, owner: TenantClient, **payload: Any) -> int:
-    with psycopg.connect(database_url) as conn:
-        return watched.submit(conn, task=WATCHED_TASK, coalescing_key=f"toy:{uuid.uuid4().hex}", payload=payload,
-                              correlation_id=uuid.uuid4().hex, trigger_reason="test", actor_type="client",
-                              actor_id=str(owner.client_id)).job_id
+    return submit_watched_toy(database_url, owner.client_id, **payload)
 
 
 def run(database_url: str, job_id: int) -> Any:
-    return JobRunner(handler=WatchedToyHandler(), connection=lambda: psycopg.connect(database_url),
-                     policy=POLICY).run(job_id)
-
-
-def read_stream(base: str, path: str, headers: dict[str, str], *, into: list[dict[str, Any]] | None = None,
-                timeout: float = 30) -> tuple[int, list[dict[str, Any]]]:
-    """The stream's status and its events (event, id, data), read until the server closes it."""
-    found: list[dict[str, Any]] = into if into is not None else []
-    with httpx.Client(base_url=base, timeout=timeout) as http, http.stream("GET", path, headers=headers) as answer:
-        if answer.status_code != 200:
-            return answer.status_code, found
-        current: dict[str, Any] = {}
-        for line in answer.iter_lines():
-            if line == "":
-                if "event" in current:
-                    found.append(current)
-                current = {}
-            elif line.startswith(":"):
-                continue
-            else:
-                name, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                current[name] = json.loads(value) if name == "data" else value
-        return 200, found
-
-
-def stream_in_background(base: str, path: str, headers: dict[str, str]) -> tuple[threading.Thread,
-                                                                                  list[dict[str, Any]], list[int]]:
-    events: list[dict[str, Any]] = []
-    status: list[int] = []
-    thread = threading.Thread(target=lambda: status.append(read_stream(base, path, headers, into=events)[0]))
-    thread.start()
-    return thread, events, status
-
-
-def wait_for(predicate: Any, timeout: float = 45) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    return run_watched_toy(database_url, job_id)
 
 
 def test_a_watcher_gets_the_snapshot_then_every_change_in_order_then_the_final_event_and_the_stream_closes(
@@ -167,28 +117,6 @@ def test_the_stream_url_token_opens_this_job_only_and_a_tampered_or_foreign_toke
     assert tenant.token not in url
 
 
-def test_three_api_processes_each_fan_every_event_out_to_their_own_watchers(
-    prepared: str, tenant: TenantClient, tmp_path: Path
-) -> None:
-    job_id = submit(prepared, tenant, units=5)
-    settings = api_settings(prepared, tmp_path / "documents", api_stream_poll_seconds=5)
-    with serving(create_app(settings)) as a, serving(create_app(settings)) as b, serving(create_app(settings)) as c:
-        # One at a time: three apps answering their very first requests at once in one test
-        # process trip over pydantic's lazy schema building (an AttributeError from its
-        # TypeAdapter); separate API processes do not share it. The fan-out is what is tested.
-        watchers = []
-        for url in (a, b, c):
-            watchers.append(stream_in_background(url, f"/api/jobs/{job_id}/events", tenant.headers))
-            wait_for(lambda: bool(watchers[-1][1]))
-        run(prepared, job_id)
-        for thread, _, _ in watchers:
-            thread.join(30)
-
-    seen = [[e.get("id") for e in events[1:]] for _, events, _ in watchers]
-    assert seen[0] == seen[1] == seen[2] and seen[0], seen
-    assert all(events[-1]["event"] == "complete" for _, events, _ in watchers)
-
-
 def test_with_its_listen_connection_killed_a_stream_catches_up_within_the_poll_interval(
     prepared: str, tenant: TenantClient, tmp_path: Path
 ) -> None:
@@ -206,36 +134,6 @@ def test_with_its_listen_connection_killed_a_stream_catches_up_within_the_poll_i
         thread.join(30)
 
     assert events[-1]["event"] == "complete"
-
-
-def test_a_client_that_stops_reading_is_dropped_without_stalling_another(
-    prepared: str, tenant: TenantClient, tmp_path: Path
-) -> None:
-    import socket
-
-    job_id = submit(prepared, tenant, units=1)
-    settings = api_settings(prepared, tmp_path / "documents", api_stream_send_timeout_seconds=1)
-    with serving(create_app(settings)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        stalled = socket.create_connection((host, int(port)))
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(f"GET /api/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenant.token}"
-                        "\r\n\r\n".encode())  # and never reads
-        thread, events, _ = stream_in_background(url, f"/api/jobs/{job_id}/events", tenant.headers)
-        wait_for(lambda: events)
-        with psycopg.connect(prepared) as conn:  # a flood of events, far more than a socket buffer
-            conn.execute("UPDATE outbox_job SET status = 'running', attempts = 1, started_at = now(), "
-                         "lease_expires_at = now() + interval '1 minute' WHERE id = %s", [job_id])
-            for i in range(3000):
-                conn.execute("SELECT outbox_append_event(%s, 'progress', 1, %s)",
-                             [job_id, json.dumps({"message": "x" * 200, "current": i})])
-            conn.execute("UPDATE outbox_job SET status = 'done', finished_at = now(), lease_expires_at = NULL "
-                         "WHERE id = %s", [job_id])
-        thread.join(60)
-        stalled.close()
-
-    assert events[-1]["event"] == "complete"
-    assert len(events) == 3000 + 3  # snapshot, 3000 progress, started, complete
 
 
 def test_a_stream_is_never_gzipped(base: str, prepared: str, tenant: TenantClient) -> None:
