@@ -152,6 +152,7 @@ class JobStreamHub:
             # The client stopped reading: drop it rather than buffer without end or slow the
             # others; it reconnects with Last-Event-ID and misses nothing.
             sub.dropped = True
+            log.info("dropped a watcher of job %s: it stopped reading (%s events waiting)", sub.job_id, QUEUE_DEPTH)
             self.unsubscribe(sub)
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.get_nowait()

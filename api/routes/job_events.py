@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from api.job_stream import JobStreamHub, is_final
 from api.problems import problem_response
@@ -33,7 +36,22 @@ from outbox.job_views import snapshot_from_row
 from services import client_tokens
 from services.queries import QUERIES as SERVICE_QUERIES
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+
+class JobEventStream(EventSourceResponse):
+    """A stream whose client stopped reading is dropped by the send timeout: that is the stream
+    doing its job, not a server error, so it is one line at INFO instead of uvicorn's "Exception
+    in ASGI application" traceback."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* SendTimeoutError:
+            client = scope.get("client") or ("?", 0)
+            log.info("dropped the stream %s of %s:%s: it stopped reading for %ss", scope.get("path"), client[0],
+                     client[1], self.send_timeout)
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "text/event-stream: snapshot, changes, one final event", "content": {"text/event-stream": {}}},
@@ -110,7 +128,7 @@ async def job_events(
             hub.unsubscribe(sub)
             streams[stream_owner] -= 1
 
-    return EventSourceResponse(
+    return JobEventStream(
         events(), ping=settings.api_stream_heartbeat_seconds, send_timeout=settings.api_stream_send_timeout_seconds,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -83,7 +83,7 @@ def test_three_api_processes_each_give_their_watchers_every_event_in_order_and_a
 def test_a_watcher_process_that_stops_reading_is_dropped_without_stalling_the_others(system: System) -> None:
     tenant = new_tenant(system.database_url)
     job_id = submit_watched_toy(system.database_url, tenant.client_id, units=1)
-    _, url = system.start_api({"RECALQ_API_STREAM_SEND_TIMEOUT_SECONDS": "1"})
+    api, url = system.start_api({"RECALQ_API_STREAM_SEND_TIMEOUT_SECONDS": "1"})
     host, port = url.removeprefix("http://").split(":")
     with subprocess.Popen([sys.executable, "-c", STALLING_WATCHER, host, port, f"/api/jobs/{job_id}/events",
                            tenant.token], stdout=subprocess.PIPE, text=True) as stalling:
@@ -111,6 +111,9 @@ def test_a_watcher_process_that_stops_reading_is_dropped_without_stalling_the_ot
         # Woken, the stopped watcher drains what its buffers held and finds the stream was cut.
         assert stalling.stdout.readline().strip() == "cut off"
         assert stalling.wait(30) == 0
+    # Dropping it is the stream working as meant: one line, not a server error's traceback.
+    assert "it stopped reading" in api.output()
+    assert "Exception in ASGI application" not in api.output()
 
 
 def test_sigterm_with_streams_open_ends_them_and_exits_within_the_grace_period(system: System) -> None:
