@@ -13,7 +13,7 @@ Streams (`recalq --log-level WARNING api`, one process, on a free loopback port)
 opens N streams at once, one asyncio task and one socket each (`GET /api/jobs/{id}/events`,
 `Authorization: Bearer <the owner's token>`, HTTP/1.1 chunked, parsed line by line) and waits
 until every stream has its `snapshot`. Then DB activity is measured for --idle-seconds with
-nothing written (the hub's safety poll alone), then a writer process (its own connection)
+nothing written (the hub polls only while its LISTEN connection is down), then a writer process (its own connection)
 writes --rounds rounds, one per --interval: in each round one `progress` event per job,
 `SELECT outbox_append_event(job, 'progress', 1, data)`, each in its own autocommit transaction
 spread evenly over the round (--burst: one transaction per round holding all N, so N NOTIFYs
@@ -630,7 +630,7 @@ def print_report(data: dict[str, Any], args: argparse.Namespace) -> tuple[bool |
     mode = "one transaction per round" if args.burst else "one transaction per event, spread over the round"
     print(f"\nJob streams under fan-out: {s['watchers']} watched jobs, {args.rounds} rounds of one progress event per "
           f"job every {args.interval:g} s ({mode}); {data['clients']} clients; one API process each side, "
-          f"hub safety poll every {args.poll_seconds:g} s; "
+          f"hub poll (only while LISTEN is down) every {args.poll_seconds:g} s; "
           f"{os.cpu_count()} cores; load {_loadavg()}")
     p99_met = lat_s["p99_ms"] is not None and lat_s["p99_ms"] <= TARGET_P99_MS and s["missing"] == 0
     tx_met = s["window"]["xacts_per_s"] < p["window"]["xacts_per_s"]
