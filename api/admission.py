@@ -43,6 +43,8 @@ from api.problems import problem_response
 
 #: Paths that need no database and are never queued or limited.
 FREE_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Static files (the docs' and the pages' assets) never touch the database: no slot, no rate.
+FREE_PREFIXES = ("/static/",)
 #: Callers remembered for their rate; the least recently seen are forgotten beyond this.
 MAX_TRACKED_CALLERS = 10_000
 
@@ -97,7 +99,8 @@ class Admission:
         self._callers: OrderedDict[str, _Bucket] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in FREE_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in FREE_PATHS or path.startswith(FREE_PREFIXES):
             await self.app(scope, receive, send)
             return
         bucket = self._bucket(_caller(scope))
@@ -212,17 +215,28 @@ class Admission:
 
 
 def is_stream(path: str) -> bool:
-    """A job's event stream: /api/jobs/{id}/events."""
-    return path.startswith("/api/jobs/") and path.endswith("/events")
+    """A job's event stream (/api/jobs/{id}/events) or a page's live scores (/portfolio/events,
+    /properties/{id}/events): they hold no slot while they wait."""
+    return path.endswith("/events") and path.startswith(("/api/jobs/", "/portfolio/", "/properties/"))
 
 
 def _caller(scope: Scope) -> str:
     headers = dict(scope.get("headers") or [])
-    credential = headers.get(b"authorization") or headers.get(b"x-api-key")
+    credential = headers.get(b"authorization") or headers.get(b"x-api-key") or _session_cookie(headers)
     if credential:
         return "cred:" + hashlib.sha256(credential).hexdigest()[:32]
     client = scope.get("client")
     return f"peer:{client[0] if client else '?'}"
+
+
+def _session_cookie(headers: dict[bytes, bytes]) -> bytes | None:
+    """A web page's session cookie: a browser's caller, like a token is an API client's."""
+    cookies = headers.get(b"cookie", b"")
+    for part in cookies.split(b";"):
+        name, _, value = part.strip().partition(b"=")
+        if name == b"recalq_session" and value:
+            return value
+    return None
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, title: str, detail: str, kind: str,

@@ -19,11 +19,13 @@ from pydantic import BaseModel
 
 from api import access_log, metrics, problems
 from api.admission import Admission, AdmissionLimits
+from api.docs_pages import install_docs
 from api.job_stream import JobStreamHub
 from api.request_body import BodyLimits, RequestBodyLimits
 from api.routes import admin, admin_jobs, client, job_events, jobs
 from api.security import AdminKeys
 from api.stream_tokens import StreamTokens
+from api.web import install_web, live
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
 from services.file_store import FileStore
@@ -63,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     runtime = Runtime(settings, pool_size=settings.api_db_pool_size, check_connections=True)
 
-    streams = JobStreamHub(settings.conninfo, poll_seconds=settings.api_stream_poll_seconds)
+    streams = JobStreamHub(settings.conninfo, poll_seconds=settings.api_stream_poll_seconds,
+                           channels=(live.CHANNEL,))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -75,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.close()
 
     app = FastAPI(title="recalq", version=version("recalq"), description=DESCRIPTION, openapi_tags=TAGS,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # install_docs serves them, with no CDN
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.admin_keys = AdminKeys(tuple(k.get_secret_value() for k in settings.admin_api_keys))
@@ -104,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(job_events.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
+    install_docs(app)
+    install_web(app)
 
     @app.get("/healthz", tags=["health"], response_model=Health)
     async def healthz() -> Health:

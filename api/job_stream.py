@@ -12,6 +12,11 @@ the truth; NOTIFY only wakes.
 
 A stream that does not keep up (its queue is full: the client stopped reading) is dropped;
 its client reconnects with Last-Event-ID and misses nothing.
+
+The same connection serves other streams that only need waking: `channels` names further
+channels to LISTEN on, and `watch(channel, key)` gives an event set whenever a notification of
+that channel carries that key (and whenever the connection is remade, or polled while down),
+after which its stream re-reads what it shows. The web page's live scores are one.
 """
 
 from __future__ import annotations
@@ -48,9 +53,21 @@ class Subscription:
     dropped: bool = False
 
 
+@dataclass(eq=False)
+class Watch:
+    channel: str
+    key: str
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the process is stopping: the stream ends instead of waiting again.
+    closing: bool = False
+
+
 class JobStreamHub:
-    def __init__(self, conninfo: str, *, poll_seconds: float = 2.0, pool_size: int = 4) -> None:
+    def __init__(self, conninfo: str, *, poll_seconds: float = 2.0, pool_size: int = 4,
+                 channels: tuple[str, ...] = ()) -> None:
         self._conninfo = conninfo
+        self._channels = channels
+        self._watches: dict[tuple[str, str], set[Watch]] = defaultdict(set)
         self.poll_seconds = poll_seconds
         # No check at checkout (it doubles the round trips of every read): a read on a dead
         # connection fails, the pool replaces it, and the job is read again shortly.
@@ -77,6 +94,10 @@ class JobStreamHub:
         for subs in self._subs.values():
             for sub in subs:
                 sub.queue.put_nowait(None)
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.closing = True
+                watch.changed.set()
         await self._pool.close()
 
     # -- reads for a stream ----------------------------------------------------------------------
@@ -107,6 +128,24 @@ class JobStreamHub:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.job_id]
+
+    def watch(self, channel: str, key: str) -> Watch:
+        if channel not in self._channels:
+            raise ValueError(f"this hub does not listen on {channel!r}")
+        watch = Watch(channel, key)
+        self._watches[(channel, key)].add(watch)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        watches = self._watches.get((watch.channel, watch.key))
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[(watch.channel, watch.key)]
+
+    def _nudge(self, channel: str, key: str) -> None:
+        for watch in self._watches.get((channel, key), ()):
+            watch.changed.set()
 
     @property
     def open_streams(self) -> int:
@@ -165,12 +204,16 @@ class JobStreamHub:
             try:
                 async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
                                                                  application_name=LISTEN_APPLICATION) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in (CHANNEL, *self._channels):
+                        await conn.execute(f"LISTEN {channel}")
                     self.listening.set()
                     backoff = 0.5
                     self._poll_all()  # anything sent while this connection was not listening
                     while True:
                         async for note in conn.notifies(timeout=self.poll_seconds):
+                            if note.channel != CHANNEL:
+                                self._nudge(note.channel, note.payload)
+                                continue
                             with contextlib.suppress(ValueError):
                                 self.wake(int(note.payload))
                         # While the connection lives, every committed event's NOTIFY reaches it:
@@ -190,6 +233,9 @@ class JobStreamHub:
     def _poll_all(self) -> None:
         for job_id in list(self._subs):
             self.wake(job_id)
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.changed.set()
 
 
 def is_final(row: dict[str, Any]) -> bool:

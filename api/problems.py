@@ -130,7 +130,8 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
     return problem_response(422, "Invalid input", f"invalid value for: {fields}", kind="invalid-input", errors=errors)
 
 
-def _service_problem(exc: ServiceError) -> JSONResponse:
+def service_problem(exc: ServiceError) -> JSONResponse:
+    """The problem document of a service error (the web pages show the same words)."""
     if isinstance(exc, NotFound):
         return problem_response(404, "Not found", str(exc), kind="not-found")
     if isinstance(exc, InvalidInput):
@@ -219,7 +220,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _on_service(_: Request, exc: ServiceError) -> JSONResponse:
-        return _service_problem(exc)
+        return service_problem(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -42,6 +42,10 @@ class AdminKeys:
                 found = candidate
         return found.hex()[:12] if found is not None else None
 
+    def has_fingerprint(self, fingerprint: str) -> bool:
+        """A web session signed in with that key: is the key still configured?"""
+        return any(hmac.compare_digest(d.hex()[:12], fingerprint) for d in self._digests)
+
 
 @dataclass(frozen=True, slots=True)
 class ClientCaller:

@@ -76,12 +76,21 @@ class StreamTokens:
 
     # -- tokens ---------------------------------------------------------------------------------
     def sign(self, job_id: int, owner: str, purpose: str = "stream") -> str:
-        self._refresh()
-        assert self._signing_kid is not None
-        body = self._serializer(self._signing_kid, purpose).dumps({"j": job_id, "o": owner})
-        return f"{self._signing_kid}.{body}"
+        return self.seal(purpose, {"j": job_id, "o": owner})
 
     def verify(self, token: str, job_id: int, purpose: str = "stream") -> StreamClaim:
+        data = self.unseal(purpose, token, max_age_s=self._lifetime)
+        if data.get("j") != job_id:
+            raise TokenRefused("another job's token")
+        return StreamClaim(job_id=job_id, owner=str(data.get("o")), purpose=purpose)
+
+    def seal(self, purpose: str, data: dict[str, object]) -> str:
+        """Any small dict, signed for one purpose (a web session's cookie is another)."""
+        self._refresh()
+        assert self._signing_kid is not None
+        return f"{self._signing_kid}.{self._serializer(self._signing_kid, purpose).dumps(data)}"
+
+    def unseal(self, purpose: str, token: str, *, max_age_s: float) -> dict[str, object]:
         kid, sep, body = token.partition(".")
         if not sep:
             raise TokenRefused("malformed")
@@ -91,14 +100,14 @@ class StreamTokens:
             if kid not in self._keys:
                 raise TokenRefused("unknown or retired key")
         try:
-            data = self._serializer(kid, purpose).loads(body, max_age=self._lifetime)
+            data = self._serializer(kid, purpose).loads(body, max_age=max_age_s)
         except SignatureExpired:
             raise TokenRefused("expired") from None
         except BadSignature:
             raise TokenRefused("bad signature or another purpose") from None
-        if not isinstance(data, dict) or data.get("j") != job_id:
-            raise TokenRefused("another job's token")
-        return StreamClaim(job_id=job_id, owner=str(data.get("o")), purpose=purpose)
+        if not isinstance(data, dict):
+            raise TokenRefused("malformed")
+        return data
 
 
 def _load_keys(conn: psycopg.Connection) -> list[tuple[str, bytes, bool]]:

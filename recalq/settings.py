@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
     #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    #: A web page session (sign-in with a client token or an admin key) lasts this long; the
+    #: cookie and its signature both expire then, and signing out or revoking ends it sooner.
+    web_session_seconds: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
     #: Flower (`recalq flower`, and part of `recalq up`): loopback unless told otherwise, and
     #: never without HTTP basic auth, "user:password" (password of at least 12 characters, no
     #: comma). Unset: `recalq flower` refuses to start and `recalq up` makes a password in

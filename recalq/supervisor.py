@@ -216,6 +216,7 @@ def _supervise(
         signals.wake.clear()
     say(f"ready: {_EVERYTHING} are running; Ctrl-C stops everything")
     base_url = _api_url(children.by_name("api"))
+    say(f"web page: {base_url}/ (sign in with a client token, or the admin key below)")
     say(f"API:      {base_url} (interactive docs: {base_url}/docs)")
     say(f"admin API key: {api.key_source} (send it as X-API-Key)")
     say(f"Flower:   {_flower_url(children.by_name('flower'))} ({flower.credentials_source})")

@@ -187,6 +187,31 @@ def jobs(
     return JobPage(page, page[-1].job_id if len(rows) > limit else None)
 
 
+@dataclass(frozen=True, slots=True)
+class AwaitingDocument:
+    id: int
+    property_id: int
+    property_name: str
+    client_id: int
+    client_name: str
+    requirement_code: str
+    expires_at: date | None
+    file_name: str
+    size_bytes: int
+    created_at: datetime
+
+
+def documents_awaiting_verification(conn: psycopg.Connection, *, limit: int = 50) -> list[AwaitingDocument]:
+    _check_limit(limit)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(QUERIES["admin_documents_awaiting_verification"], {"limit": limit}).fetchall()
+    return [AwaitingDocument(**row) for row in rows]
+
+
+def cancellable_tasks(conn: psycopg.Connection) -> frozenset[str]:
+    return frozenset(row[0] for row in conn.execute(QUERIES["admin_cancellable_tasks"]))
+
+
 def job(conn: psycopg.Connection, job_id: int) -> Job | None:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(QUERIES["admin_job"], {"job_id": job_id}).fetchone()

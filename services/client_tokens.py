@@ -64,13 +64,24 @@ def issue_token(conn: psycopg.Connection, *, client_id: int, label: str = "") ->
 
 def authenticate(conn: psycopg.Connection, presented: str) -> int | None:
     """The client a presented token belongs to, or None. Never raises for a bad token."""
+    found = authenticate_token(conn, presented)
+    return found[1] if found is not None else None
+
+
+def authenticate_token(conn: psycopg.Connection, presented: str) -> tuple[int, int] | None:
+    """(token id, client id) of a live presented token, or None: a web session remembers which
+    token signed it in, so revoking that token ends the session."""
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > 200:
         return None
     digest = token_digest(presented)
     row = conn.execute(QUERIES["client_of_token"], {"token_sha256": digest}).fetchone()
     if row is None or not hmac.compare_digest(bytes(row[2]), digest):
         return None
-    return row[1]
+    return row[0], row[1]
+
+
+def token_is_live(conn: psycopg.Connection, *, client_id: int, token_id: int) -> bool:
+    return conn.execute(QUERIES["token_is_live"], {"client_id": client_id, "token_id": token_id}).fetchone() is not None
 
 
 def revoke_token(conn: psycopg.Connection, *, client_id: int, token_id: int) -> None:

@@ -80,7 +80,7 @@ def owned_property(conn: psycopg.Connection, client_id: int, property_id: int) -
         ).fetchone()
     if row is None:
         raise PropertyNotFound(f"property {property_id} does not exist")
-    return _property(row)
+    return property_from_row(row)
 
 
 def properties_of_client(
@@ -94,7 +94,7 @@ def properties_of_client(
             QUERIES["pv_properties_of_client"],
             {"client_id": client_id, "after_id": after_id if after_id is not None else 0, "limit": limit + 1},
         ).fetchall()
-    items = tuple(_property(row) for row in rows[:limit])
+    items = tuple(property_from_row(row) for row in rows[:limit])
     return PropertyPage(items=items, next_after_id=items[-1].id if len(rows) > limit else None)
 
 
@@ -127,6 +127,7 @@ def documents_by_ids(conn: psycopg.Connection, property_id: int, document_ids: l
     return [DocumentView(**row) for row in rows]
 
 
-def _property(row: dict[str, Any]) -> PropertyView:
+def property_from_row(row: dict[str, Any]) -> PropertyView:
+    """A row of the property queries (sync or async) as the view every reader shows."""
     latest = row.pop("latest_job_status")
     return PropertyView(**row, status=score_status(row["compliance_score_pending"], latest))

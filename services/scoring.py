@@ -27,6 +27,15 @@ WEIGHTS: dict[str, int] = {
     "legionella": 10,
 }
 REQUIREMENTS = tuple(WEIGHTS)
+#: What a person reads for each requirement (the pages; the API keeps the codes).
+REQUIREMENT_NAMES: dict[str, str] = {
+    "gas_safety": "Gas safety record",
+    "eicr": "Electrical installation report (EICR)",
+    "epc": "Energy performance certificate (EPC)",
+    "smoke_co_alarms": "Smoke and CO alarms",
+    "fire_risk_assessment": "Fire risk assessment",
+    "legionella": "Legionella risk assessment",
+}
 EXPIRING_WINDOW = timedelta(days=30)
 
 

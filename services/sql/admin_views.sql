@@ -81,6 +81,21 @@ SELECT id AS token_id, label, created_at, revoked_at
 -- audit row. NO KEY UPDATE leaves foreign-key checks of new tokens and properties alone.
 SELECT 1 FROM clients WHERE id = %(client_id)s FOR NO KEY UPDATE
 
+-- name: admin_documents_awaiting_verification
+-- Live documents nobody has verified or rejected yet, oldest first, with whose they are.
+SELECT d.id, d.property_id, p.name AS property_name, c.id AS client_id, c.name AS client_name,
+       d.requirement_code::text AS requirement_code, d.expires_at, d.file_name, d.size_bytes, d.created_at
+  FROM documents d
+  JOIN properties p ON p.id = d.property_id
+  JOIN clients c ON c.id = p.client_id
+ WHERE d.status = 'pending_verification' AND d.deleted_at IS NULL
+ ORDER BY d.id
+ LIMIT %(limit)s
+
+-- name: admin_cancellable_tasks
+-- The kinds whose jobs an admin may cancel (a recalculation may not).
+SELECT name FROM outbox_task WHERE cancellable
+
 -- name: admin_lock_job
 -- Serialises requeues of one job, so a replay waits for the first and sees its audit row.
 SELECT status::text AS status FROM outbox_job WHERE id = %(job_id)s FOR UPDATE

@@ -30,3 +30,7 @@ SELECT 1 FROM clients WHERE id = %(client_id)s
 -- A stream token stays good only while its owner can still sign in: revoking every token of a
 -- client ends its streams' tokens too.
 SELECT EXISTS (SELECT 1 FROM client_tokens WHERE client_id = %(client_id)s AND revoked_at IS NULL) AS live
+
+-- name: token_is_live
+-- A web session signed in with this token lasts only while the token does.
+SELECT 1 FROM client_tokens WHERE id = %(token_id)s AND client_id = %(client_id)s AND revoked_at IS NULL

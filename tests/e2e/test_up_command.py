@@ -286,6 +286,9 @@ def test_up_serves_the_api_with_its_docs_and_an_admin_key_file_and_the_walk_thro
     docs = api.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "/api/admin/queue" in api.get("/openapi.json").json()["paths"]
+    assert f"web page: {up.api_url()}/ (sign in" in up.output()
+    home = api.get("/", follow_redirects=True)
+    assert home.status_code == 200 and "Sign in" in home.text
 
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     admin = {"X-API-Key": key_file.read_text().strip()}

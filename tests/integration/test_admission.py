@@ -67,6 +67,7 @@ def test_a_full_api_refuses_the_next_request_at_once_with_503_and_retry_after_an
         queue_full = [pool.submit(httpx.get, f"{base}/api/properties", headers=other.headers, timeout=10)
                       for _ in range(3)]
         health = httpx.get(f"{base}/healthz", timeout=2)
+        asset = httpx.get(f"{base}/static/web/site.css", timeout=2)  # static files take no slot either
         lock.rollback()
         statuses = sorted(r.result(30).status_code for r in held)
         answers = [f.result(30) for f in queue_full]
@@ -76,6 +77,7 @@ def test_a_full_api_refuses_the_next_request_at_once_with_503_and_retry_after_an
         assert {r.status_code for r in answers} <= {200, 503}
         assert any(r.status_code == 503 for r in answers), "with the queue full, a request is refused at once"
         assert health.status_code == 200
+        assert asset.status_code == 200
         assert statuses == [201, 201], "the admitted requests finish normally"
         after = httpx.get(f"{base}/api/properties", headers=other.headers, timeout=10)
         assert after.status_code == 200, "capacity comes back as soon as the slots free up"

@@ -180,7 +180,9 @@ def _scheme_of(document: dict[str, Any], operation: dict[str, Any]) -> list[dict
 
 def test_the_document_lists_every_route_the_app_serves() -> None:
     app = create_app(api_settings(NO_DATABASE, Path("/nonexistent")))
-    served = {(route.path, method) for route in app.routes if isinstance(route, APIRoute)
+    # The web pages and the docs pages are not API operations (include_in_schema=False).
+    served = {(route.path, method) for route in app.routes
+              if isinstance(route, APIRoute) and route.include_in_schema
               for method in route.methods - {"HEAD", "OPTIONS"}}
     listed = {(path, method) for path, method, _ in _operations(app.openapi())}
 

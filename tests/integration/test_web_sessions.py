@@ -1,0 +1,154 @@
+"""The web pages' sessions and forms, over the real app and PostgreSQL (no browser needed for
+what the HTTP exchange shows): the cookie's attributes, what ends a session, CSRF on every form,
+where `next` may lead, and that a token never lands in a URL or the access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from api.app import create_app
+from tests.harness.api import ADMIN_KEY, TenantClient, api_settings
+
+
+@pytest.fixture
+def web(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(api_settings(database_url, tmp_path / "documents")),
+                    raise_server_exceptions=False) as client:
+        yield client
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
+def sign_in(web: TestClient, secret: str, next: str = "") -> object:
+    form = web.get("/sign-in")
+    return web.post("/sign-in", data={"secret": secret, "csrf_token": csrf_of(form.text), "next": next},
+                    follow_redirects=False)
+
+
+def test_signing_in_sets_an_httponly_samesite_cookie_with_an_expiry_and_no_token_in_it(
+    web: TestClient, tenant: TenantClient
+) -> None:
+    answer = sign_in(web, tenant.token)
+
+    assert (answer.status_code, answer.headers["location"]) == (303, "/portfolio")
+    cookie = answer.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Max-Age=28800" in cookie
+    assert "Secure" not in cookie  # plain HTTP here; see the HTTPS test
+    assert tenant.token not in cookie and tenant.token.removeprefix("rqc_") not in cookie
+
+
+def test_over_https_the_session_cookie_is_secure(database_url: str, tmp_path: Path, tenant: TenantClient) -> None:
+    app = create_app(api_settings(database_url, tmp_path / "documents"))
+    with TestClient(app, base_url="https://testserver") as web:
+        assert "Secure" in sign_in(web, tenant.token).headers["set-cookie"]
+
+
+def test_a_wrong_secret_is_refused_with_the_form_again_and_no_signed_in_session(
+    web: TestClient, tenant: TenantClient
+) -> None:
+    answer = sign_in(web, tenant.token + "x")
+
+    assert answer.status_code == 401
+    assert "not valid" in answer.text
+    assert web.get("/portfolio", follow_redirects=False).headers["location"].startswith("/sign-in")
+
+
+def test_a_page_without_a_session_sends_the_visitor_to_sign_in_and_back_afterwards(
+    web: TestClient, tenant: TenantClient
+) -> None:
+    path = f"/properties/{tenant.property_ids[0]}"
+    first = web.get(path, follow_redirects=False)
+    assert (first.status_code, first.headers["location"]) == (303, "/sign-in?next=%2Fproperties%2F" +
+                                                              str(tenant.property_ids[0]))
+    assert sign_in(web, tenant.token, next=path).headers["location"] == path
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "portfolio"])
+def test_next_never_leads_off_the_site(web: TestClient, tenant: TenantClient, target: str) -> None:
+    assert sign_in(web, tenant.token, next=target).headers["location"] == "/portfolio"
+
+
+def test_every_form_posted_without_the_sessions_csrf_token_is_refused(web: TestClient, tenant: TenantClient) -> None:
+    sign_in(web, tenant.token)
+    prop = tenant.property_ids[0]
+    refused = [
+        web.post("/sign-out", data={"csrf_token": "forged"}),
+        web.post(f"/properties/{prop}/documents", data={"csrf_token": "forged", "key": "k" * 16,
+                                                        "requirement_code": "epc"},
+                 files={"file": ("a.txt", b"EPC certificate", "text/plain")}),
+        web.post(f"/properties/{prop}/documents/1/delete", data={"key": "k" * 16}),
+    ]
+    assert [r.status_code for r in refused] == [403, 403, 403]
+    assert all("Form refused" in r.text for r in refused)
+    assert web.get("/portfolio").status_code == 200  # still signed in: the forged sign-out did nothing
+
+
+def test_revoking_the_token_a_session_signed_in_with_ends_the_session(
+    web: TestClient, tenant: TenantClient, database_url: str
+) -> None:
+    import psycopg
+
+    sign_in(web, tenant.token)
+    assert web.get("/portfolio").status_code == 200
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE client_tokens SET revoked_at = now() WHERE client_id = %s", [tenant.client_id])
+
+    assert web.get("/portfolio", follow_redirects=False).headers["location"].startswith("/sign-in")
+
+
+def test_an_admin_session_ends_when_its_key_is_no_longer_configured(database_url: str, tmp_path: Path) -> None:
+    settings = api_settings(database_url, tmp_path / "documents")
+    with TestClient(create_app(settings)) as before:
+        sign_in(before, ADMIN_KEY)
+        assert before.get("/admin/queue").status_code == 200
+        cookie = before.cookies.get("recalq_session")
+    rotated = settings.model_copy(update={"admin_api_keys": (SecretStr("another-admin-key-" + "y" * 20),)})
+    with TestClient(create_app(rotated)) as after:
+        after.cookies.set("recalq_session", cookie)
+        assert after.get("/admin/queue", follow_redirects=False).headers["location"].startswith("/sign-in")
+
+
+def test_a_tampered_cookie_is_no_session(web: TestClient, tenant: TenantClient) -> None:
+    sign_in(web, tenant.token)
+    kid, _, signed = web.cookies.get("recalq_session").partition(".")
+    body, _, rest = signed.partition(".")  # itsdangerous: payload.timestamp.signature
+    forged = body[:-4] + ("AAAA" if not body.endswith("AAAA") else "BBBB")
+    web.cookies.clear()
+    web.cookies.set("recalq_session", f"{kid}.{forged}.{rest}")
+    assert web.get("/portfolio", follow_redirects=False).status_code == 303
+
+
+def test_a_client_on_an_admin_page_is_told_it_is_not_for_this_account(web: TestClient, tenant: TenantClient) -> None:
+    sign_in(web, tenant.token)
+    answer = web.get("/admin/queue")
+    assert answer.status_code == 403
+    assert "Not for this account" in answer.text
+
+
+def test_the_token_never_appears_in_a_url_or_the_access_log(
+    web: TestClient, tenant: TenantClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        answer = sign_in(web, tenant.token)
+        web.get(answer.headers["location"])
+    assert tenant.token not in caplog.text
+    assert all(tenant.token not in str(r.url) for r in [answer, *answer.history])
+
+
+def test_signing_out_turns_the_session_anonymous(web: TestClient, tenant: TenantClient) -> None:
+    page = web.get("/portfolio") if sign_in(web, tenant.token) else None
+    assert page is not None and page.status_code == 200
+    out = web.post("/sign-out", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert (out.status_code, out.headers["location"]) == (303, "/sign-in?signed_out=true")
+    assert web.get("/portfolio", follow_redirects=False).status_code == 303
