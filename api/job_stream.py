@@ -32,6 +32,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from outbox.job_views import FINAL_KINDS
 from outbox.queries import QUERIES
@@ -236,6 +239,20 @@ class JobStreamHub:
         for watches in self._watches.values():
             for watch in watches:
                 watch.changed.set()
+
+
+class JobEventStream(EventSourceResponse):
+    """A stream whose client stopped reading is dropped by the send timeout: that is the stream
+    doing its job, not a server error, so it is one line at INFO instead of uvicorn's "Exception
+    in ASGI application" traceback."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* SendTimeoutError:
+            client = scope.get("client") or ("?", 0)
+            log.info("dropped the stream %s of %s:%s: it stopped reading for %ss", scope.get("path"), client[0],
+                     client[1], self.send_timeout)
 
 
 def is_final(row: dict[str, Any]) -> bool:

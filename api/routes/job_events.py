@@ -9,49 +9,35 @@ instead of reconnecting for ever. A comment heartbeat keeps proxies from closing
 
 Authentication, for a client that cannot send headers (EventSource): the `token` of the job's
 `stream_url` (this job, this purpose; its owner and revocation checked now), or else a bearer
-token or an admin key in the headers (`curl -N`). The handler is async end to end: an open
-stream holds no thread and no pooled connection.
+token or an admin key in the headers (`curl -N`), or a signed-in web page's session cookie.
+The handler is async end to end: an open stream holds no thread and no pooled connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Receive, Scope, Send
+from sse_starlette import ServerSentEvent
 
-from api.job_stream import JobStreamHub, is_final
+from api.job_stream import JobEventStream, JobStreamHub, is_final
 from api.problems import problem_response
 from api.routes.jobs import job_state
 from api.security import ADMIN_KEY_HEADER
 from api.stream_tokens import StreamTokens, TokenRefused
+from api.web.callers import admin_of_session, client_of_session
+from api.web.rendering import NotForYou, SignInRequired
+from api.web.session import read_session
 from outbox.job_views import snapshot_from_row
 from services import client_tokens
 from services.queries import QUERIES as SERVICE_QUERIES
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
-
-class JobEventStream(EventSourceResponse):
-    """A stream whose client stopped reading is dropped by the send timeout: that is the stream
-    doing its job, not a server error, so it is one line at INFO instead of uvicorn's "Exception
-    in ASGI application" traceback."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except* SendTimeoutError:
-            client = scope.get("client") or ("?", 0)
-            log.info("dropped the stream %s of %s:%s: it stopped reading for %ss", scope.get("path"), client[0],
-                     client[1], self.send_timeout)
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "text/event-stream: snapshot, changes, one final event", "content": {"text/event-stream": {}}},
@@ -153,7 +139,27 @@ async def _caller(request: Request, job_id: int, token: str | None) -> tuple[str
     key = request.headers.get(ADMIN_KEY_HEADER)
     if key and request.app.state.admin_keys.match(key) is not None:
         return None, True
-    return _unauthorized("a stream token, a client token (Authorization: Bearer) or an admin key is required")
+    session = await asyncio.to_thread(_page_session, request)
+    if session is not None:
+        return session
+    return _unauthorized("a stream token, a client token (Authorization: Bearer), an admin key or a signed-in "
+                         "session is required")
+
+
+def _page_session(request: Request) -> tuple[str | None, bool] | None:
+    """A signed-in web page's session (its cookie), checked as every page checks it."""
+    session = read_session(request)
+    if session is None:
+        return None
+    try:
+        if session.is_client:
+            return f"client:{client_of_session(request, session).client_id}", False
+        if session.is_admin:
+            admin_of_session(request, session)
+            return None, True
+    except (SignInRequired, NotForYou):
+        return None
+    return None
 
 
 def _authenticate(request: Request, presented: str) -> int | None:

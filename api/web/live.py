@@ -25,9 +25,8 @@ from fastapi import APIRouter, Path, Request, Response
 from psycopg.rows import dict_row
 from sse_starlette import ServerSentEvent
 
-from api.job_stream import JobStreamHub
+from api.job_stream import JobEventStream, JobStreamHub
 from api.problems import problem_response
-from api.routes.job_events import JobEventStream
 from api.web.callers import client_of_session
 from api.web.rendering import NotForYou, SignInRequired
 from api.web.session import read_session

@@ -8,6 +8,8 @@ land in tests/browser/screenshots/.
 from __future__ import annotations
 
 import re
+import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,3 +242,63 @@ def _session_cookie(page: BrowserPage) -> dict[str, Any]:
     [cookie] = [c for c in page.context.cookies() if c["name"] == "recalq_session"]
     return cookie
 
+
+
+def test_the_live_part_tells_a_dropped_connection_from_a_server_that_refuses_it(
+    database_url: str, tmp_path: Path, page: BrowserPage
+) -> None:
+    with socket.socket() as probe:  # a port to bring the API back on, where the page expects it
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    system = System(database_url, first_broker_url(), tmp_path, extra_env={
+        "RECALQ_STORAGE_DIR": str(tmp_path / "documents"), "RECALQ_API_PORT": port})
+    try:
+        api, base = system.start_api({"RECALQ_API_PORT": port})
+        tenant = new_tenant(database_url, n_properties=1)  # no worker: it stays "Updating…"
+        sign_in(page, base, tenant.token)
+        page.get_by_text("Updating…").wait_for()
+        page.wait_for_function("window.recalqLiveSource && window.recalqLiveSource.readyState === 1")  # open
+
+        system.kill(api, signal.SIGTERM)
+        page.get_by_text("Connection lost; reconnecting…").wait_for()
+        page.screenshot_as("dropped")
+
+        with psycopg.connect(database_url, autocommit=True) as db:  # signed out elsewhere, in effect
+            db.execute("UPDATE client_tokens SET revoked_at = now() WHERE client_id = %s", [tenant.client_id])
+        system.start_api({"RECALQ_API_PORT": port})
+        page.get_by_text("Live updates stopped: the server refused them").wait_for(timeout=30_000)
+        assert page.evaluate("window.recalqLiveSource.readyState") == 2  # closed: it does not retry for ever
+        page.screenshot_as("refused")
+    finally:
+        system.stop()
+
+
+def test_the_pages_fit_a_phone_screen_without_sideways_scrolling(
+    stack: tuple[System, str], tenant: TenantClient, page: BrowserPage
+) -> None:
+    _, base = stack
+    page.set_viewport_size({"width": 390, "height": 844})
+    sign_in(page, base, tenant.token)
+    for path in ("/portfolio", f"/properties/{tenant.property_ids[0]}"):
+        page.goto(base + path)
+        page.locator("h1").first.wait_for()
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} scrolls sideways by {overflow}px on a phone"
+        page.screenshot_as("phone" + path.replace("/", "-"))
+
+
+def test_signing_in_and_out_works_from_the_keyboard_alone(
+    stack: tuple[System, str], tenant: TenantClient, page: BrowserPage
+) -> None:
+    _, base = stack
+    page.goto(f"{base}/sign-in")
+    page.keyboard.type(tenant.token)  # the field has the focus on arrival
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="Your properties").wait_for()
+    sign_out = page.get_by_role("button", name="Sign out")
+    for _ in range(10):  # Tab along the header until the sign-out button has the focus
+        page.keyboard.press("Tab")
+        if sign_out.evaluate("button => document.activeElement === button"):
+            break
+    page.keyboard.press("Enter")
+    page.get_by_text("You are signed out").wait_for()

@@ -9,12 +9,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.app import create_app
-from tests.harness.api import ADMIN_KEY, TenantClient, api_settings
+from tests.harness.api import ADMIN_KEY, TenantClient, api_settings, new_tenant
+from tests.harness.toy_kind import TOY_UNIT_TABLE, register_watched_toy, run_watched_toy, submit_watched_toy
 
 
 @pytest.fixture
@@ -97,8 +99,6 @@ def test_every_form_posted_without_the_sessions_csrf_token_is_refused(web: TestC
 def test_revoking_the_token_a_session_signed_in_with_ends_the_session(
     web: TestClient, tenant: TenantClient, database_url: str
 ) -> None:
-    import psycopg
-
     sign_in(web, tenant.token)
     assert web.get("/portfolio").status_code == 200
     with psycopg.connect(database_url) as conn:
@@ -152,3 +152,22 @@ def test_signing_out_turns_the_session_anonymous(web: TestClient, tenant: Tenant
     out = web.post("/sign-out", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
     assert (out.status_code, out.headers["location"]) == (303, "/sign-in?signed_out=true")
     assert web.get("/portfolio", follow_redirects=False).status_code == 303
+
+
+def test_a_signed_in_page_streams_its_own_jobs_events_with_the_session_cookie_and_no_one_elses(
+    web: TestClient, tenant: TenantClient, database_url: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        register_watched_toy(conn)
+        conn.execute(TOY_UNIT_TABLE)
+    mine = submit_watched_toy(database_url, tenant.client_id, units=1)
+    theirs = submit_watched_toy(database_url, new_tenant(database_url).client_id, units=1)
+    run_watched_toy(database_url, mine)
+    assert web.get(f"/api/jobs/{mine}/events").status_code == 401  # no session yet
+
+    sign_in(web, tenant.token)
+    with web.stream("GET", f"/api/jobs/{mine}/events") as stream:
+        body = "".join(stream.iter_text())
+    assert stream.status_code == 200
+    assert "event: snapshot" in body and "event: complete" in body
+    assert web.get(f"/api/jobs/{theirs}/events").status_code == 404
