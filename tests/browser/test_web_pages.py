@@ -302,3 +302,27 @@ def test_signing_in_and_out_works_from_the_keyboard_alone(
             break
     page.keyboard.press("Enter")
     page.get_by_text("You are signed out").wait_for()
+
+
+def test_an_admin_cancels_a_job_whose_kind_allows_it_and_a_recalculation_offers_no_cancel(
+    stack: tuple[System, str], tenant: TenantClient, page: BrowserPage
+) -> None:
+    from tests.harness.toy_kind import register_watched_toy, submit_watched_toy
+
+    system, base = stack
+    with psycopg.connect(system.database_url, autocommit=True) as db:
+        register_watched_toy(db, queue="nobody-consumes-this")  # it waits: cancelled before it starts
+        [recalculation] = db.execute("SELECT id FROM outbox_job WHERE task = 'compliance.recalculate_property' "
+                                     "ORDER BY id LIMIT 1").fetchone()
+    job_id = submit_watched_toy(system.database_url, tenant.client_id, units=3)
+
+    sign_in(page, base, ADMIN_KEY, then=f"/admin/jobs/{recalculation}")
+    page.get_by_role("heading", name=f"Job #{recalculation}").wait_for()
+    assert page.get_by_role("button", name="Cancel").count() == 0
+
+    page.goto(f"{base}/admin/jobs/{job_id}")
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("status").get_by_text("Cancelled").wait_for()
+    assert page.locator("h1 .chip").inner_text() == "Cancelled"
+    with psycopg.connect(system.database_url) as db:
+        assert db.execute("SELECT status::text FROM outbox_job WHERE id = %s", [job_id]).fetchone() == ("cancelled",)
