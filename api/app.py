@@ -22,7 +22,7 @@ from api.admission import Admission, AdmissionLimits
 from api.docs_pages import install_docs
 from api.job_stream import JobStreamHub
 from api.request_body import BodyLimits, RequestBodyLimits
-from api.routes import admin, admin_jobs, client, job_events, jobs
+from api.routes import admin, admin_jobs, client, evaluations, job_events, jobs
 from api.security import AdminKeys
 from api.stream_tokens import StreamTokens
 from api.web import install_web, live
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_jobs.router)
     app.include_router(job_events.router)
     app.include_router(jobs.router)
+    app.include_router(evaluations.router)
     app.include_router(metrics.router)
     install_docs(app)
     install_web(app)

@@ -32,7 +32,9 @@ from recalq.celery_config import celery_config
 from recalq.faults import probe_from_spec
 from recalq.publisher import CeleryPublisher
 from recalq.settings import Settings
+from services.evaluations import EVALUATE_TASK, EvaluationHandler
 from services.file_store import FileStore
+from services.providers import ProviderClient
 from services.recalculation import RecalculationPolicy, Recalculator
 from services.vocabulary import RECALCULATE_TASK
 from tasks import recalculation as recalculation_task
@@ -40,6 +42,9 @@ from tasks.jobs import register_job_task
 from tasks.maintenance import MaintenanceDeps, register_maintenance_tasks
 
 log = logging.getLogger(__name__)
+
+#: Where `recalq simulator` listens by default: the providers when none is configured.
+SIMULATOR_URL = "http://127.0.0.1:8099"
 
 
 def utc_today() -> date:
@@ -151,7 +156,14 @@ class Runtime:
     def job_kinds(self) -> dict[str, Handler]:
         """Every job kind this deployment runs: task name -> handler. The recalculation's handler
         is the Recalculator's, so the worker and the tests that drive it run the same code."""
-        return {RECALCULATE_TASK: self.recalculator.handler}
+        return {RECALCULATE_TASK: self.recalculator.handler, EVALUATE_TASK: self.evaluation_handler}
+
+    @cached_property
+    def evaluation_handler(self) -> EvaluationHandler:
+        s = self.settings
+        return EvaluationHandler(ProviderClient(s.evaluation_provider_url or SIMULATOR_URL,
+                                                timeout_seconds=s.evaluation_provider_timeout_seconds,
+                                                tries=s.evaluation_provider_tries))
 
     def runner(self, handler: Handler) -> JobRunner:
         return JobRunner(handler=handler, connection=self.connection, policy=self.runner_policy,

@@ -10,6 +10,7 @@
     recalq flower     run Flower, the web monitor (needs RECALQ_FLOWER_BASIC_AUTH)
     recalq api        serve the HTTP API (uvicorn; /docs shows it)
     recalq new-key    print a fresh admin API key
+    recalq simulator  serve simulated providers for property evaluations (the demo and tests use it)
 
 Operating it (need DATABASE_URL only):
     recalq status     the queue per task and status, relay lag, throughput
@@ -191,6 +192,21 @@ def _parser() -> argparse.ArgumentParser:
                                   description=NEW_KEY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     new_key.set_defaults(run=_new_key, without_settings=True)
 
+    simulator = commands.add_parser(
+        "simulator", help="serve the provider simulator until SIGINT/SIGTERM",
+        description="Serves the provider simulator: a stand-in for the external providers a property evaluation "
+        "calls, one per stage (GET /lookup/STAGE?address=...), with deterministic answers, a latency and failures "
+        "a test scripts through /_control/script. Prints `provider simulator listening on http://HOST:PORT` once "
+        "it listens (the chosen port for --port 0). Needs no database; recalq/provider_simulator.py has the "
+        "endpoints.",
+    )
+    simulator.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    simulator.add_argument("--port", type=_bounded_int(0, 65535), default=8099,
+                           help="port to listen on; 0 picks a free one (default 8099)")
+    simulator.add_argument("--latency", type=_seconds, default=0.05, metavar="SECONDS",
+                           help="how long each lookup takes unless its stage is scripted otherwise (default 0.05)")
+    simulator.set_defaults(run=_simulator, without_settings=True)
+
     _add_operator_commands(commands)
 
     from recalq import supervisor
@@ -265,6 +281,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use 0 to 600 seconds")
     return value
 
 
@@ -362,4 +388,14 @@ def _api(settings: Settings, args: argparse.Namespace) -> int:
 
 def _new_key(_settings: None, _args: argparse.Namespace) -> int:
     print(secrets.token_urlsafe(32))
+    return 0
+
+
+def _simulator(_settings: None, args: argparse.Namespace) -> int:
+    from recalq.provider_simulator import serve_simulator
+
+    try:
+        serve_simulator(args.host, args.port, args.latency)
+    except KeyboardInterrupt:  # main() does not catch it for a command without settings
+        return 130
     return 0

@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     #: without downtime: add the new one, move callers, remove the old one. Kept in memory only
     #: as SHA-256 digests. Empty: admin endpoints answer 503 until one is set.
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    #: Property evaluations: the providers' base URL (`GET {url}/lookup/{stage}?address=`); unset,
+    #: the provider simulator on 127.0.0.1:8099, which `recalq up` and `recalq demo` start. Each
+    #: look-up waits this long for an answer and is tried this many times (short backoff) before
+    #: its stage fails the attempt.
+    evaluation_provider_url: str | None = None
+    evaluation_provider_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    evaluation_provider_tries: int = Field(default=3, ge=1, le=10)
     #: A web page session (sign-in with a client token or an admin key) lasts this long; the
     #: cookie and its signature both expire then, and signing out or revoking ends it sooner.
     web_session_seconds: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)

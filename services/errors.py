@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from outbox.errors import PermanentJobError
+from outbox.errors import PermanentJobError, RetryableJobError
 
 
 class ServiceError(Exception):
@@ -96,3 +96,24 @@ class RecalculationError(ServiceError):
 
 class PermanentRecalculationError(RecalculationError, PermanentJobError):
     """Retrying cannot help; the job goes DEAD with this reason."""
+
+
+class EvaluationError(ServiceError):
+    """An evaluation attempt failed."""
+
+
+class ProviderUnavailable(EvaluationError, RetryableJobError):
+    """A provider did not answer (timeout, 5xx, 429, refused) after the per-call retries: the
+    attempt fails and is retried with backoff; finished stages are not called again."""
+
+    def __init__(self, stage: str, detail: str) -> None:
+        super().__init__(f"the {stage} provider did not answer: {detail}")
+        self.stage = stage
+
+
+class AddressNotFound(EvaluationError, PermanentJobError):
+    """The address provider does not know the address: retrying cannot help."""
+
+
+class EvaluationNotFound(NotFound):
+    """No such evaluation (or another client's)."""

@@ -13,6 +13,7 @@ from alembic.script import ScriptDirectory
 import migrations
 from recalq import migrate
 from recalq.settings import Settings
+from services.vocabulary import RECALCULATE_TASK
 from tests.harness.data import provision, upload
 from tests.harness.databases import DatabaseFactory
 
@@ -202,7 +203,8 @@ def test_downgrading_the_min_interval_revision_restores_outbox_v2_and_drops_the_
         head = schema(url)
         assert "column outbox_task.min_interval" in head
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT min_interval FROM outbox_task").fetchone() == (timedelta(seconds=3),)
+            assert conn.execute("SELECT min_interval FROM outbox_task WHERE name = %s",
+                                [RECALCULATE_TASK]).fetchone() == (timedelta(seconds=3),)
 
         migrate.downgrade(settings, ENQUEUE_V2)
         assert alembic_revision(url) == [ENQUEUE_V2]
