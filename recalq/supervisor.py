@@ -48,7 +48,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from recalq.flower import LISTENING as FLOWER_LISTENING
 from recalq.flower import flower_config
+from recalq.provider_simulator import LISTENING as SIMULATOR_LISTENING
 from recalq.settings import Settings
+from services.evaluations import EVALUATION_QUEUE
 
 if TYPE_CHECKING:
     from recalq.embedded import Services
@@ -69,8 +71,9 @@ FLOWER_USER = "admin"
 _MIN_SECRET_LENGTH = 24
 #: uvicorn's start-up line; it names the bound address, also when RECALQ_API_PORT=0 picked one.
 _API_LISTENING = re.compile(r"Uvicorn running on (\S+)")
+_SIMULATOR_LISTENING = re.compile(re.escape(SIMULATOR_LISTENING) + r" (\S+)")
 #: The processes `up` runs besides the embedded services, as its messages name them.
-_EVERYTHING = "relay, worker, API, beat and Flower"
+_EVERYTHING = "relay, workers, API, beat, Flower and the provider simulator"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -185,6 +188,16 @@ def _supervise(
     # `up` learns that a child is ready from a line the child logs at INFO, so none logs less.
     if logging.getLevelName(log_level) > logging.INFO:
         log_level = "INFO"
+    evaluation_env: dict[str, str] = {}
+    if settings.evaluation_provider_url is None:
+        # No providers configured: the simulator stands in, on a port the kernel picks, and the
+        # evaluation worker is told where (it starts once the simulator has said so).
+        simulator = children.start("simulator", [sys.executable, "-m", "recalq", "--log-level", log_level,
+                                                 "simulator", "--port", "0"],
+                                   ready_marker=SIMULATOR_LISTENING, stop_stage=2)
+        if not _wait_ready(simulator, signals):
+            return _report_failure(children, services) if children.failed() else 0
+        evaluation_env["RECALQ_EVALUATION_PROVIDER_URL"] = _listening_url(simulator, _SIMULATOR_LISTENING)
     children.start("relay", [sys.executable, "-m", "recalq", "--log-level", log_level, "relay"],
                    ready_marker="relay connected")
     children.start("worker", [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker", "-E",
@@ -192,6 +205,12 @@ def _supervise(
                               # one worker: no neighbours to sync with at start-up or to gossip to
                               "--without-mingle", "--without-gossip"],
                    ready_marker=" ready.")
+    # Evaluations have workers of their own, so a dozen slow look-ups never hold a recalculation.
+    children.start("evaluation worker",
+                   [sys.executable, "-m", "celery", "-A", "recalq.celery_app", "worker", "-E", "-Q", EVALUATION_QUEUE,
+                    "-n", f"recalq-evaluations-{os.getpid()}@%h", "--loglevel", log_level, "--without-mingle",
+                    "--without-gossip"],
+                   ready_marker=" ready.", extra_env=evaluation_env)
     # Stopped first (stage 0): no change comes in, and no scheduled task is sent, while the relay
     # and worker finish theirs.
     children.start("api", [sys.executable, "-m", "recalq", "--log-level", log_level, "api"],
@@ -220,6 +239,9 @@ def _supervise(
     say(f"API:      {base_url} (interactive docs: {base_url}/docs)")
     say(f"admin API key: {api.key_source} (send it as X-API-Key)")
     say(f"Flower:   {_flower_url(children.by_name('flower'))} ({flower.credentials_source})")
+    if settings.evaluation_provider_url is None:
+        say(f"providers: the simulator at {_listening_url(children.by_name('simulator'), _SIMULATOR_LISTENING)} "
+            "(set RECALQ_EVALUATION_PROVIDER_URL for real ones)")
     url = services.database_url if services.postgres else "$DATABASE_URL"  # never echo a password
     say(f"look inside: {_psql()} \"{url}\" -c '{LOOK_INSIDE}'")
     if children.log_dir is not None:
@@ -361,6 +383,15 @@ def _private_secret(path: Path, what: str, noun: str) -> str:
         raise StartupError(f"{path} is readable by other users (mode {mode:o}); `chmod 600` it, or delete it "
                            f"and `recalq up` makes a new {noun}.")
     return secret
+
+
+def _wait_ready(child: Child, signals: Signals) -> bool:
+    """Waits for one child's ready line; False if it died first or `up` is told to stop."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while not child.ready.wait(0.2):
+        if signals.stop.is_set() or child.popen.poll() is not None or time.monotonic() > deadline:
+            return False
+    return child.popen.poll() is None or child.ready_line is not None
 
 
 def _api_url(child: Child) -> str:

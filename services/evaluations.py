@@ -31,6 +31,8 @@ from services.providers import ProviderClient
 from services.queries import QUERIES
 
 EVALUATE_TASK = "evaluation.evaluate_property"
+#: The Celery queue the task's row names: evaluations have workers of their own.
+EVALUATION_QUEUE = "evaluations"
 STAGES = (
     Stage("locate_address", "Locating the address"),
     Stage("energy_register", "Checking the energy performance register"),
