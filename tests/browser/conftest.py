@@ -7,7 +7,7 @@ recorded in `page.blocked_requests`, so a test proves what a machine with no int
 
 Fixtures:
 
-* `browser`: one Chromium for the session.
+* `browser`: one Chromium per test module (Playwright's loop must be gone before other tests run).
 * `page`: a `BrowserPage` (a Playwright `Page` with the recorded `blocked_requests`,
   `console_errors`, `page_errors`, `bad_responses` and `failed_requests`, `wait_visible(...)`
   that fails with all of those, and `screenshot_as(label)`); after the
@@ -58,9 +58,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium, headless, for the whole session (a missing one skips; in CI, fails)."""
+    """Debian's Chromium, headless, for one test module (a missing one skips; in CI, fails).
+    Not for the whole session: Playwright's sync API keeps an event loop running in the main
+    thread while it lives, and every later test that calls asyncio.run() would fail."""
     if not os.access(CHROMIUM, os.X_OK):
         message = f"{CHROMIUM} is missing: the browser tests drive Debian's chromium (apt-get install chromium)"
         if IN_CI:
