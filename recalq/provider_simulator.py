@@ -33,9 +33,9 @@ Scripted faults, per stage (the control endpoints answer 200 with the stage's sc
     POST /_control/reset: releases every hung call, clears every script and the call log.
     GET /_control/calls[?address=TEXT]
         {"by_stage": {stage: n, ...}, "calls": [{"stage", "address", "status", "at"}, ...]}: every
-        call that reached /lookup (scripted failures, 404s and hung calls too), in arrival order,
-        logged when it arrives: "status" is null until it is answered. The newest
-        CALL_LOG_LIMIT calls are kept; "dropped" says how many older ones were let go.
+        call that reached /lookup (scripted failures, 404s and hung calls too; not a request refused
+        with 422), in arrival order, logged when it arrives: "status" is null until it is answered.
+        The newest CALL_LOG_LIMIT calls are kept; "dropped" says how many older ones were let go.
     GET /healthz: {"status": "ok"}
 
 The state lives in app.state.simulator and is touched only from the event loop, by synchronous
