@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from datetime import date, timedelta
 
 import psycopg
 
+from services import evaluations
 from services.documents import NewDocument, add_documents, delete_document, reject_document, verify_document
 from services.properties import NewProperty, provision_client
 from services.scoring import DocumentStatus
@@ -26,6 +28,8 @@ CLIENT = Actor(ActorType.CLIENT, "demo-client")
 ADMIN = Actor(ActorType.ADMIN, "demo-admin")
 #: How long one change may take to land before the demo calls it stuck.
 SETTLE_TIMEOUT_SECONDS = 60.0
+#: How long the demo's evaluation may take (a dozen look-ups of the simulator's latency).
+EVALUATION_TIMEOUT_SECONDS = 120.0
 #: The latest requests, newest job first: job_id is the order the queue view reads from an index.
 LATEST_REQUESTS = "SELECT * FROM compliance_recalc_queue ORDER BY job_id DESC LIMIT 50"
 
@@ -162,12 +166,48 @@ def run(database_url: str, *, say: Callable[[str], None], stop: threading.Event,
             if not watcher.settle(stop):
                 return stop.is_set()
 
+        if not _evaluate(conn, client.client_id, high_st, "12 High St", say, stop):
+            return stop.is_set()
+
     say(f"done: every score landed. Client {client.client_id}'s properties, their scores and the queue:")
     # Printed for the user to paste into psql, never executed here.
     say(f"  SELECT id, name, compliance_score FROM properties WHERE client_id = {client.client_id};")  # noqa: S608
     say(f"  SELECT * FROM compliance_recalc_queue WHERE client_id = {client.client_id}"  # noqa: S608
         " ORDER BY job_id DESC LIMIT 50;")
     return True
+
+
+def _evaluate(conn: psycopg.Connection, client_id: int, property_id: int, name: str, say: Callable[[str], None],
+              stop: threading.Event, timeout: float = EVALUATION_TIMEOUT_SECONDS) -> bool:
+    """Submits an evaluation of the property and prints each stage as it starts, then what it found."""
+    say(f'the client asks for an evaluation of "{name}" (a dozen look-ups on the evaluation worker)')
+    job_id = evaluations.request_evaluation(conn, client_id=client_id, property_id=property_id, address=name,
+                                            correlation_id=_cid())
+    conn.commit()
+    display = {stage.key: stage.display for stage in evaluations.STAGES}
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = conn.execute("SELECT seq, kind::text, data FROM outbox_event WHERE job_id = %s AND seq > %s "
+                            "ORDER BY seq", [job_id, seen]).fetchall()
+        conn.commit()
+        for seq, kind, data in rows:
+            seen = seq
+            if kind == "progress" and data.get("stage") in display:
+                say(f"  evaluation: {display[data['stage']]}")
+            elif kind == "complete":
+                found = evaluations.snapshot_of_client(conn, client_id, int(data["result"]["evaluation_id"]))
+                conn.commit()
+                say(f"  evaluation {found.id} done: energy rating {found.summary.get('energy_rating')}, flood risk "
+                    f"{found.summary.get('flood_risk')} (GET /api/evaluations/{found.id}; job {job_id})")
+                return True
+            elif kind in ("error", "cancelled"):
+                say(f"  evaluation job {job_id} ended {kind}: {data}")
+                return False
+        if stop.wait(0.2):
+            return False
+    say(f"the evaluation (job {job_id}) did not finish within {timeout:.0f} s")
+    return False
 
 
 def _doc(requirement: str, today: date, days_valid: int,

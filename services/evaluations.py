@@ -23,6 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from outbox import watched
 from outbox.attempt import Attempt
 from outbox.runner import DeadJob
 from outbox.watched import Stage
@@ -58,6 +59,19 @@ def lock_key(client_id: int, property_id: int | None, address: str) -> str:
         return f"evaluation:{client_id}:property:{property_id}"
     folded = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", address)).strip().casefold()
     return f"evaluation:{client_id}:address:{folded}"
+
+
+def payload_of(client_id: int, property_id: int | None, address: str) -> dict[str, Any]:
+    return {"client_id": client_id, "property_id": property_id, "address": address}
+
+
+def request_evaluation(conn: psycopg.Connection, *, client_id: int, property_id: int | None, address: str,
+                       correlation_id: str) -> int:
+    """Submits an evaluation in the caller's transaction (a script's way; HTTP goes through the
+    API's idempotent submission); its job id. ActiveJobExists while one is active."""
+    return watched.submit(conn, task=EVALUATE_TASK, coalescing_key=lock_key(client_id, property_id, address),
+                          payload=payload_of(client_id, property_id, address), correlation_id=correlation_id,
+                          trigger_reason="submitted", actor_type="client", actor_id=str(client_id)).job_id
 
 
 @dataclass(frozen=True, slots=True)

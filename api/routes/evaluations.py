@@ -59,7 +59,7 @@ def submit_evaluation(body: EvaluationIn, caller: Client, conn: Conn, key: Idemp
     return submit_job(
         conn, request, WatcherCaller(caller.actor, is_admin=False), key, task=evaluations.EVALUATE_TASK,
         lock_key=evaluations.lock_key(caller.client_id, body.property_id, address),
-        payload={"client_id": caller.client_id, "property_id": body.property_id, "address": address},
+        payload=evaluations.payload_of(caller.client_id, body.property_id, address),
         values=body.model_dump(),
     )
 

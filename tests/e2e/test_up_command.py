@@ -32,6 +32,7 @@ import psutil
 import psycopg
 import pytest
 
+from services.evaluations import STAGES
 from services.scoring import DocumentStatus
 from tests.harness.data import new_document, provision, upload
 from tests.harness.services import ROOT
@@ -370,3 +371,7 @@ def test_demo_prints_each_score_update_as_it_lands_and_exits_by_itself(run, data
         assert re.search(rf'property \d+ "[^"]+": {old} -> {new} \({change}\)', out), f"no {change} update:\n{out}"
     assert "Updating…" in out
     assert "done: every score landed" in out
+    # The evaluation: its stages printed as they started, in order, then what it found.
+    shown = re.findall(r"evaluation: (.+)$", out, re.MULTILINE)
+    assert shown == [stage.display for stage in STAGES], out
+    assert re.search(r"evaluation \d+ done: energy rating [A-G], flood risk", out), out
