@@ -1,6 +1,6 @@
 """The `recalq` command: run the system and its parts.
 
-    recalq up         everything in the foreground: API, relay, worker, beat and Flower
+    recalq up         everything in the foreground: API, relay, workers, beat, Flower, provider simulator
                       (embedded PostgreSQL + Redis when DATABASE_URL / BROKER_URL are not set)
     recalq demo       `up` plus sample data and live score updates
     recalq migrate    apply database migrations

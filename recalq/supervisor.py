@@ -1,7 +1,8 @@
 """`recalq up` and `recalq demo`: every process of the system in the foreground.
 
 `up` starts embedded PostgreSQL / Redis for whichever of DATABASE_URL / BROKER_URL is unset,
-migrates, and runs the relay, a Celery worker, the HTTP API, celery beat and Flower as child
+migrates, and runs the relay, a Celery worker, a worker for evaluations, the HTTP API (with the
+web page), celery beat, Flower and (with no provider URL set) the provider simulator as child
 processes until SIGINT or SIGTERM; then it stops the API and beat first (no new work comes in),
 then the relay and the worker (warm shutdown), then Flower (it sees the worker go and saves its
 state), then Redis, then PostgreSQL, and exits 0.
@@ -84,7 +85,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     up = commands.add_parser(
         "up", help="run everything in the foreground until Ctrl-C",
-        description="Runs the relay, a worker, the HTTP API, celery beat and Flower in the foreground, on "
+        description="Runs the relay, a worker, an evaluation worker, the HTTP API and web page, celery beat, Flower "
+        "and (without RECALQ_EVALUATION_PROVIDER_URL) the provider simulator in the foreground, on "
         "DATABASE_URL and BROKER_URL, or on embedded PostgreSQL and Redis under RECALQ_DATA_DIR for whichever "
         "is unset; migrates first. Prints where the API and Flower listen and which files hold the admin API key "
         "and the Flower password it made (DATA_DIR/admin-api-key, DATA_DIR/flower-password). Ctrl-C stops "

@@ -38,7 +38,7 @@ from tests.harness.data import new_document, provision, upload
 from tests.harness.services import ROOT
 from tests.harness.system import wait_until
 
-READY = "ready: relay, worker, API, beat and Flower are running"
+READY = "ready: relay, workers, API, beat, Flower and the provider simulator are running"
 STARTUP_SECONDS = 45
 
 
@@ -236,7 +236,7 @@ def test_up_runs_every_process_with_flower_behind_a_password_file_and_leaves_not
 
     os.kill(up.popen.pid, signal.SIGINT)
     assert up.finish(60) == 0, up.output()
-    assert "relay, worker, API, beat and Flower stopped" in up.output()
+    assert "relay, workers, API, beat, Flower and the provider simulator stopped" in up.output()
     assert still_running(family, data_dir) == []
     assert list(data_dir.glob("flower-state*")), "Flower saved what it saw in the data dir when it stopped"
 
@@ -338,7 +338,7 @@ def test_up_serves_the_api_with_its_docs_and_an_admin_key_file_and_the_walk_thro
     assert any('"GET /api/admin/queue HTTP/1.1" 200' in line for line in api_log), "access log in up's output"
     os.kill(up.popen.pid, signal.SIGINT)
     assert up.finish(60) == 0, up.output()
-    assert "relay, worker, API, beat and Flower stopped" in up.output()
+    assert "relay, workers, API, beat, Flower and the provider simulator stopped" in up.output()
 
 
 def test_up_stops_everything_and_exits_non_zero_when_its_worker_dies(run, data_dir) -> None:
