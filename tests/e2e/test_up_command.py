@@ -13,6 +13,7 @@ the addresses they got.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -375,3 +376,33 @@ def test_demo_prints_each_score_update_as_it_lands_and_exits_by_itself(run, data
     shown = re.findall(r"evaluation: (.+)$", out, re.MULTILINE)
     assert shown == [stage.display for stage in STAGES], out
     assert re.search(r"evaluation \d+ done: energy rating [A-G], flood risk", out), out
+
+
+def walk_through(doc: Path) -> str:
+    """The shell commands of a doc's walk-through, exactly as a reader would paste them."""
+    text = doc.read_text(encoding="utf-8")
+    block = text.split("<!-- walk-through -->", 1)[1].split("<!-- end walk-through -->", 1)[0]
+    return block.split("```bash\n", 1)[1].rsplit("```", 1)[0]
+
+
+def test_the_evaluation_walk_through_of_docs_evaluations_md_runs_as_written_after_the_demo(run, data_dir) -> None:
+    demo = run(["demo", "--pace", "0.1"])
+    assert demo.finish(120) == 0, demo.output()
+    up = run(["up"])
+    up.wait_for(READY, STARTUP_SECONDS)
+    commands = walk_through(ROOT / "docs" / "evaluations.md")
+    assert "API=http://127.0.0.1:8000" in commands
+    # The one line a reader changes: the address `up` printed (port 0 here, so another port).
+    commands = commands.replace("API=http://127.0.0.1:8000", f"API={up.api_url()}", 1)
+
+    env = dict(os.environ)
+    if shutil.which("jq") is None:  # the docs use jq; a machine without it gets the harness's stand-in
+        env["PATH"] = f"{ROOT / 'tests' / 'harness' / 'bin'}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=data_dir.parent, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = re.findall(r"^event: (\w+)$", done.stdout, re.MULTILINE)
+    assert events[0] == "snapshot" and events[-1] == "complete" and "progress" in events, done.stdout
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["stages_answered"] == 11 and summary["energy_rating"] in "ABCDEFG"
