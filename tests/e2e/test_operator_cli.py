@@ -22,6 +22,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from outbox import lifecycle
+from services.vocabulary import RECALCULATE_TASK
 from tests.harness.data import provision
 from tests.harness.observe import assert_fresh_score, connect, history_count, job, job_status
 from tests.harness.services import ROOT, brokers
@@ -77,8 +78,8 @@ def three_pending_one_dead(db: psycopg.Connection) -> tuple[list[int], int]:
     return pending, dead
 
 
-def status_table(stdout: str) -> dict[str, dict[str, str]]:
-    """The `recalq status` table by status (one task here)."""
+def status_table(stdout: str, task: str = RECALCULATE_TASK) -> dict[str, dict[str, str]]:
+    """The `recalq status` table's rows of one task, by status."""
     lines = stdout.splitlines()
     assert lines[0].split()[:3] == ["TASK", "STATUS", "JOBS"], stdout
     rows = {}
@@ -86,7 +87,8 @@ def status_table(stdout: str) -> dict[str, dict[str, str]]:
         if not line.strip():
             break
         cells = dict(zip(STATUS_COLUMNS, line.split(), strict=True))
-        rows[cells["status"]] = cells
+        if cells["task"] == task:
+            rows[cells["status"]] = cells
     return rows
 
 
@@ -100,7 +102,8 @@ def test_status_prints_the_jobs_of_each_status_as_the_view_holds_them_with_a_sum
 
     assert result.returncode == 0, result.stderr
     table = status_table(result.stdout)
-    view = {row[0]: row[1] for row in db.execute("SELECT status::text, jobs FROM outbox_queue_state").fetchall()}
+    view = {row[0]: row[1] for row in db.execute("SELECT status::text, jobs FROM outbox_queue_state WHERE task = %s",
+                                                 [RECALCULATE_TASK]).fetchall()}
     assert set(table) == set(view) == {"pending", "published", "running", "retrying", "done", "dead", "superseded",
                                        "cancelled"}
     for status, jobs in view.items():
