@@ -184,7 +184,8 @@ def test_recalq_migrate_applies_the_setting_to_the_recalculation_task_only(
     db.execute("INSERT INTO outbox_task (name, description) VALUES (%s, 'other')", [OTHER_TASK])
 
     migrate.apply_task_policy(Settings(database_url=database_url, recalc_min_interval_seconds=2.5))
-    assert dict(db.execute("SELECT name, min_interval FROM outbox_task").fetchall()) == {
+    assert dict(db.execute("SELECT name, min_interval FROM outbox_task WHERE name IN (%s, %s)",
+                           [TASK, OTHER_TASK]).fetchall()) == {
         TASK: timedelta(seconds=2.5), OTHER_TASK: timedelta(0),
     }
 
