@@ -222,21 +222,11 @@ def is_stream(path: str) -> bool:
 
 def _caller(scope: Scope) -> str:
     headers = dict(scope.get("headers") or [])
-    credential = headers.get(b"authorization") or headers.get(b"x-api-key") or _session_cookie(headers)
+    credential = headers.get(b"authorization") or headers.get(b"x-api-key")
     if credential:
         return "cred:" + hashlib.sha256(credential).hexdigest()[:32]
     client = scope.get("client")
     return f"peer:{client[0] if client else '?'}"
-
-
-def _session_cookie(headers: dict[bytes, bytes]) -> bytes | None:
-    """A web page's session cookie: a browser's caller, like a token is an API client's."""
-    cookies = headers.get(b"cookie", b"")
-    for part in cookies.split(b";"):
-        name, _, value = part.strip().partition(b"=")
-        if name == b"recalq_session" and value:
-            return value
-    return None
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, title: str, detail: str, kind: str,

@@ -24,7 +24,7 @@ from api.job_stream import JobStreamHub
 from api.request_body import BodyLimits, RequestBodyLimits
 from api.routes import admin, admin_jobs, client, evaluations, job_events, jobs
 from api.security import AdminKeys
-from api.stream_tokens import StreamTokens
+from api.stream_tokens import TOKEN_LIFETIME_S, StreamTokens
 from api.web import install_web, live
 from recalq.bootstrap import Runtime
 from recalq.settings import Settings
@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.admin_keys = AdminKeys(tuple(k.get_secret_value() for k in settings.admin_api_keys))
     app.state.file_store = FileStore(settings.document_dir)
-    app.state.stream_tokens = StreamTokens(runtime.connect)
+    app.state.stream_tokens = StreamTokens(
+        runtime.connect, rotation_grace_s=max(TOKEN_LIFETIME_S, settings.web_session_seconds))
     app.state.job_streams = streams
     app.state.streams_per_owner = Counter()
     app.state.upload_limits = UploadLimits(

@@ -63,6 +63,8 @@ class Watch:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the process is stopping: the stream ends instead of waiting again.
     closing: bool = False
+    #: Set by whoever gave it back (its stream's clean-up runs once).
+    released: bool = False
 
 
 class JobStreamHub:

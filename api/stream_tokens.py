@@ -27,6 +27,8 @@ from api.queries import QUERIES
 TOKEN_LIFETIME_S = 30 * 60
 #: How often a process re-reads the keys (a rotation reaches every process within this).
 KEY_REFRESH_S = 60.0
+#: The least time between two re-reads forced by a token naming a key this process lacks.
+FORCED_REFRESH_S = 5.0
 
 
 class TokenRefused(Exception):
@@ -48,12 +50,17 @@ class StreamTokens:
     """`connect` opens a connection of its own (not a pooled one): a key refresh happens inside
     requests that already hold a pooled connection, and must never wait for a second one."""
 
-    def __init__(self, connect: object, lifetime_s: float = TOKEN_LIFETIME_S) -> None:
+    def __init__(self, connect: object, lifetime_s: float = TOKEN_LIFETIME_S,
+                 rotation_grace_s: float = TOKEN_LIFETIME_S) -> None:
+        """`rotation_grace_s`: how long a key replaced by a new one keeps verifying (the longest
+        anything it signed lives: a stream token, a web session)."""
+        self._grace = rotation_grace_s
         self._connect = connect
         self._lifetime = lifetime_s
         self._keys: dict[str, bytes] = {}
         self._signing_kid: str | None = None
         self._loaded_at = float("-inf")
+        self._forced_at = float("-inf")
         self._lock = threading.Lock()
 
     # -- keys -----------------------------------------------------------------------------------
@@ -65,7 +72,7 @@ class StreamTokens:
                 conn.autocommit = True
                 rows = _load_keys(conn)
                 if not any(active for _, _, active in rows):
-                    rotate(conn)
+                    rotate(conn, grace_s=self._grace)
                     rows = _load_keys(conn)
             self._keys = {kid: secret for kid, secret, _ in rows}
             self._signing_kid = next(kid for kid, _, active in rows if active)
@@ -96,7 +103,11 @@ class StreamTokens:
             raise TokenRefused("malformed")
         self._refresh()
         if kid not in self._keys:
-            self._refresh(force=True)  # signed by a key another process just made
+            # Signed by a key another process just made? Look, but at most every few seconds: a
+            # made-up key id must not buy its sender a database round trip per request.
+            if time.monotonic() - self._forced_at >= FORCED_REFRESH_S:
+                self._forced_at = time.monotonic()
+                self._refresh(force=True)
             if kid not in self._keys:
                 raise TokenRefused("unknown or retired key")
         try:

@@ -65,7 +65,7 @@ def job(request: Request, job_id: JobId, _: PageAdmin, conn: Conn) -> Response:
         attempts = attempts_of_job(conn, job_id)
         cancellable = found.task in admin_views.cancellable_tasks(conn)
     return render(request, "admin_job.html", {
-        "job": found, "attempts": attempts, "form_key": form_key(),
+        "job": found, "attempts": attempts, "form_key": form_key,
         "can_requeue": found.status == JobStatus.DEAD,
         "can_cancel": cancellable and found.status in ACTIVE,
         "notice": NOTICES.get(request.query_params.get("notice", "")),

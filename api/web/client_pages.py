@@ -77,7 +77,7 @@ def _property_page(request: Request, caller: Any, conn: Any, property_id: int, *
     notice = NOTICES.get(request.query_params.get("notice", ""))
     return render(request, "property.html", {
         "p": prop, "documents": documents, "requirements": REQUIREMENTS, "notice": notice, "problem": problem,
-        "suggestion": suggestion, "suggested_for": suggested_for, "form_key": form_key(),
+        "suggestion": suggestion, "suggested_for": suggested_for, "form_key": form_key,
         "live_url": f"/properties/{prop.id}/events" if prop.status == property_views.UPDATING else None,
         "today": date.today(),
     }, status=status)
@@ -103,7 +103,6 @@ def upload(
                                           request, expires_at)
     except ServiceError as exc:
         # Shown on the property page beside the form, with the API's own words.
-        conn.rollback()
         status, body = service_problem_parts(exc)
         return _property_page(request, caller, conn, property_id, status=status, problem=body)
     return RedirectResponse(f"/properties/{property_id}?notice=uploaded", status_code=303)
@@ -119,9 +118,12 @@ def delete(request: Request, property_id: PropertyId, document_id: DocumentId, c
 
 @router.get("/properties/{property_id}/documents/{document_id}/suggestion", response_class=HTMLResponse)
 def suggestion(request: Request, property_id: PropertyId, document_id: DocumentId, caller: PageClient,
-               store: Store, conn: Conn) -> Response:
+               store: Store) -> Response:
+    # No pooled connection while the extractor reads the file (the API route takes its own,
+    # briefly): only for drawing the page afterwards.
     found = client_api.suggest_for_client_document(property_id, document_id, caller, store, request)
-    return _property_page(request, caller, conn, property_id, suggestion=found, suggested_for=document_id)
+    with request.app.state.runtime.connection() as conn:
+        return _property_page(request, caller, conn, property_id, suggestion=found, suggested_for=document_id)
 
 
 @router.post("/properties/{property_id}/documents/{document_id}/apply")

@@ -8,24 +8,28 @@ updating, after which the server closes it and the page's script does not reconn
 
 A stream holds no thread and no pooled connection while it waits: the API process's one LISTEN
 connection hears `compliance_property` notifications (the client's id, sent by a trigger when a
-score or its pending flag changes) and wakes the client's streams, which re-read their
-properties in one short query. If that connection is down, the streams are woken every poll
-interval instead.
+score or its pending flag changes, or the property's recalculation dies) and wakes the client's
+streams, which re-read their properties in one short query. If that connection is down, the
+streams are woken every poll interval instead, and every stream re-reads at least every 30 s
+whatever it hears.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from psycopg.rows import dict_row
 from sse_starlette import ServerSentEvent
+from starlette.background import BackgroundTask
 
-from api.job_stream import JobEventStream, JobStreamHub
+from api.job_stream import JobEventStream, JobStreamHub, Watch
 from api.problems import problem_response
 from api.web.callers import client_of_session
 from api.web.rendering import NotForYou, SignInRequired
@@ -34,6 +38,8 @@ from services import property_views
 from services.queries import QUERIES
 
 CHANNEL = "compliance_property"
+#: A stream re-reads at least this often, whatever it hears.
+BACKSTOP_SECONDS = 30.0
 router = APIRouter(include_in_schema=False)
 
 
@@ -49,7 +55,8 @@ async def property_events(request: Request, property_id: Annotated[int, Path(ge=
 
 async def _stream(request: Request, property_id: int | None) -> Response:
     try:
-        session = read_session(request)
+        # Off the event loop: reading a cookie may refresh the signing keys (a database read).
+        session = await asyncio.to_thread(read_session, request)
         if session is None:
             raise SignInRequired()
         caller = await asyncio.to_thread(client_of_session, request, session)
@@ -62,37 +69,65 @@ async def _stream(request: Request, property_id: int | None) -> Response:
     if streams[owner] >= settings.api_max_streams_per_owner:
         return problem_response(429, "Too many requests", f"at most {settings.api_max_streams_per_owner} open "
                                 "streams per owner; close one", kind="too-many-streams", headers={"Retry-After": "5"})
-    first = await _states(hub, caller.client_id, property_id)
-    if property_id is not None and not first:
-        return problem_response(404, "Not found", f"property {property_id} does not exist", kind="not-found")
-
-    watch = hub.watch(CHANNEL, str(caller.client_id))
+    # Counted and watching before the first read: a change that lands while the first state is
+    # read wakes the stream instead of being missed.
     streams[owner] += 1
+    watch = hub.watch(CHANNEL, str(caller.client_id))
+    handed_over = False
+    try:
+        first = await _states(hub, caller.client_id, property_id)
+        if property_id is not None and not first:
+            return problem_response(404, "Not found", f"property {property_id} does not exist", kind="not-found")
+        release = functools.partial(_release, hub, watch, streams, owner)
+        response = JobEventStream(_events(hub, watch, caller.client_id, property_id, first, release),
+                                  ping=settings.api_stream_heartbeat_seconds,
+                                  send_timeout=settings.api_stream_send_timeout_seconds,
+                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+                                  background=BackgroundTask(release))
+        handed_over = True
+        return response
+    finally:
+        if not handed_over:
+            _release(hub, watch, streams, owner)
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        try:
-            shown: dict[int, dict[str, Any]] = {}
-            states = first
-            while True:
-                for pid, state in states.items():
-                    if shown.get(pid) != state:
-                        yield ServerSentEvent(json.dumps(state), event="property")
-                shown = states
-                if not any(s["status"] == property_views.UPDATING for s in states.values()):
-                    yield ServerSentEvent("{}", event="settled")
-                    return
-                await watch.changed.wait()
-                watch.changed.clear()
-                if watch.closing:
-                    return
-                states = await _states(hub, caller.client_id, property_id)
-        finally:
-            hub.unwatch(watch)
-            streams[owner] -= 1
 
-    return JobEventStream(events(), ping=settings.api_stream_heartbeat_seconds,
-                          send_timeout=settings.api_stream_send_timeout_seconds,
-                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+def _release(hub: JobStreamHub, watch: Watch, streams: Counter[str], owner: str) -> None:
+    """Once per stream, however it ends (the response's background task, or a refusal)."""
+    if watch.released:
+        return
+    watch.released = True
+    hub.unwatch(watch)
+    streams[owner] -= 1
+
+
+async def _events(hub: JobStreamHub, watch: Watch, client_id: int, property_id: int | None,
+                  first: dict[int, dict[str, Any]], release: Callable[[], None]) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for event in _changes(hub, watch, client_id, property_id, first):
+            yield event
+    finally:
+        release()  # also the response's background task: whichever runs first
+
+
+async def _changes(hub: JobStreamHub, watch: Watch, client_id: int, property_id: int | None,
+                   first: dict[int, dict[str, Any]]) -> AsyncIterator[ServerSentEvent]:
+    shown: dict[int, dict[str, Any]] = {}
+    states = first
+    while True:
+        for pid, state in states.items():
+            if shown.get(pid) != state:
+                yield ServerSentEvent(json.dumps(state), event="property")
+        shown = states
+        if not any(s["status"] == property_views.UPDATING for s in states.values()):
+            yield ServerSentEvent("{}", event="settled")
+            return
+        # A backstop beside the notifications: a change no trigger announces is still seen.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.changed.wait(), timeout=BACKSTOP_SECONDS)
+        watch.changed.clear()
+        if watch.closing:
+            return
+        states = await _states(hub, client_id, property_id)
 
 
 async def _states(hub: JobStreamHub, client_id: int, property_id: int | None) -> dict[int, dict[str, Any]]:

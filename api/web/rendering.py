@@ -14,14 +14,17 @@ from collections.abc import Callable, Coroutine
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import psycopg
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup, escape
+from markupsafe import Markup
+from psycopg_pool import PoolTimeout
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.problems import service_problem
@@ -97,9 +100,36 @@ def service_problem_parts(exc: ServiceError) -> tuple[int, dict[str, Any]]:
     return answer.status_code, json.loads(bytes(answer.body))
 
 
-def sign_in_redirect(request: Request) -> RedirectResponse:
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"/sign-in?next={quote(target, safe='')}", status_code=303)
+def local_path(target: str | None) -> str | None:
+    """Only a path of this site: no scheme, no host, no `//host`, no backslash tricks."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    return target
+
+
+def back_link(request: Request) -> str | None:
+    """Where "Go back" leads: the referring page, if it is one of this site's."""
+    referer = request.headers.get("referer")
+    if not referer:
+        return None
+    parts = urlsplit(referer)
+    if parts.netloc and parts.netloc != request.url.netloc:
+        return None
+    return local_path(parts.path + (f"?{parts.query}" if parts.query else ""))
+
+
+def sign_in_redirect(request: Request) -> Response:
+    """To sign in, and back afterwards: to this page, or for a form's POST to the page it was on
+    (a POST-only path cannot be gone back to). A live fragment's request (htmx) is told to send
+    the whole page there, instead of swapping the sign-in form into a table row."""
+    if request.method == "GET":
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    else:
+        target = back_link(request) or "/"
+    url = f"/sign-in?next={quote(target, safe='')}"
+    if request.headers.get("hx-request"):
+        return Response(status_code=204, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
 
 
 class PageRoute(APIRoute):
@@ -118,19 +148,25 @@ class PageRoute(APIRoute):
                                     "This page is for the other kind of account: sign out and sign in with the "
                                     "right one.", back="/")
             except CsrfRefused as exc:
-                return problem_page(request, 403, "Form refused", str(exc), back=request.headers.get("referer"))
+                return problem_page(request, 403, "Form refused", str(exc), back=back_link(request))
             except ServiceError as exc:
                 status, body = service_problem_parts(exc)
                 return problem_page(request, status, body["title"], body["detail"], errors=body.get("errors"),
-                                    back=request.headers.get("referer"))
-            except RequestValidationError as exc:
-                fields = sorted({".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors()})
+                                    back=back_link(request))
+            except (RequestValidationError, ValidationError) as exc:
+                errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query")),
+                           "message": e.get("msg", "")} for e in exc.errors()]
+                fields = sorted({e["field"] for e in errors if e["field"]})
                 return problem_page(request, 422, "Invalid input",
-                                    f"check these fields and send the form again: {', '.join(fields)}",
-                                    errors=[{"field": ".".join(str(p) for p in e.get("loc", ())[1:]),
-                                             "message": e.get("msg", "")} for e in exc.errors()],
-                                    back=request.headers.get("referer"))
+                                    f"check these fields and send the form again: {', '.join(fields) or 'the form'}",
+                                    errors=errors, back=back_link(request))
             except StarletteHTTPException as exc:
-                return problem_page(request, exc.status_code, "Error", str(escape(exc.detail)), back="/")
+                return problem_page(request, exc.status_code, "Error", str(exc.detail), back="/")
+            except (PoolTimeout, psycopg.OperationalError) as exc:
+                log.warning("database unavailable for a page: %s", exc)
+                return problem_page(request, 503, "Try again shortly",
+                                    "The database is unavailable right now. If you had sent a form, whether it was "
+                                    "applied is unknown: look at the page again before you send it again (sending "
+                                    "the same form twice makes one change).", back=back_link(request))
 
         return page

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from api.security import AdminKeys
-from api.web.rendering import PageRoute, render
+from api.web.rendering import PageRoute, local_path, render
 from api.web.session import CSRF_FIELD, WebSession, check_csrf, read_session, write_session
 from services import client_tokens
 from services.client_tokens import TOKEN_PREFIX
@@ -22,13 +22,6 @@ from services.client_tokens import TOKEN_PREFIX
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
 Next = Annotated[str, Form(max_length=500)]
-
-
-def _local(target: str | None) -> str | None:
-    """Only a path of this site: no scheme, no host, no `//host`, no backslash tricks."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return None
-    return target
 
 
 def home_of(session: WebSession | None) -> str:
@@ -47,7 +40,7 @@ def home(request: Request) -> RedirectResponse:
 @router.get("/sign-in", response_class=HTMLResponse)
 def sign_in_form(request: Request, next: Annotated[str | None, Query(max_length=500)] = None,
                  signed_out: bool = False) -> Response:
-    return render(request, "sign_in.html", {"next": _local(next) or "", "signed_out": signed_out})
+    return render(request, "sign_in.html", {"next": local_path(next) or "", "signed_out": signed_out})
 
 
 @router.post("/sign-in", response_class=HTMLResponse)
@@ -71,10 +64,10 @@ def sign_in(request: Request, secret: Annotated[str, Form(max_length=500)],
             signed_in = session.signed_in_as_admin(fingerprint)
     if signed_in is None:
         return render(request, "sign_in.html", {
-            "next": _local(next) or "",
+            "next": local_path(next) or "",
             "error": "That token or key is not valid: it may be mistyped or revoked.",
         }, status=401, session=session)
-    response = RedirectResponse(_local(next) or home_of(signed_in), status_code=303)
+    response = RedirectResponse(local_path(next) or home_of(signed_in), status_code=303)
     write_session(request, response, signed_in)
     return response
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +172,55 @@ def test_a_signed_in_page_streams_its_own_jobs_events_with_the_session_cookie_an
     assert stream.status_code == 200
     assert "event: snapshot" in body and "event: complete" in body
     assert web.get(f"/api/jobs/{theirs}/events").status_code == 404
+
+
+def test_every_form_on_a_page_carries_its_own_idempotency_key(web: TestClient, tenant: TenantClient) -> None:
+    sign_in(web, tenant.token)
+    prop = tenant.property_ids[0]
+    for name in ("a.txt", "b.txt"):
+        web.post(f"/properties/{prop}/documents", data={"csrf_token": csrf_of(web.get("/portfolio").text),
+                                                        "key": uuid.uuid4().hex, "requirement_code": "epc"},
+                 files={"file": (name, f"EPC certificate {name}".encode(), "text/plain")})
+    page = web.get(f"/properties/{prop}").text
+    keys = re.findall(r'name="key" value="([^"]+)"', page)
+    assert len(keys) == 3 and len(set(keys)) == 3  # two deletes and the upload
+    first, second = re.findall(r'action="(/properties/\d+/documents/\d+/delete)"', page)
+    csrf = csrf_of(page)
+    answers = [web.post(action, data={"csrf_token": csrf, "key": key}, follow_redirects=False)
+               for action, key in ((first, keys[0]), (second, keys[1]))]
+    assert [a.status_code for a in answers] == [303, 303]  # both deletes from one rendered page
+
+
+def test_a_reject_reason_of_only_spaces_is_refused_with_a_readable_page(
+    web: TestClient, tenant: TenantClient, database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        [document_id] = conn.execute(
+            "INSERT INTO documents (property_id, requirement_code, status, file_name, size_bytes, sha256, source) "
+            "VALUES (%s, 'epc', 'pending_verification', 'e.pdf', 1, repeat('a', 64), 'client') RETURNING id",
+            [tenant.property_ids[0]]).fetchone()
+    sign_in(web, ADMIN_KEY)
+    page = web.get("/admin/documents").text
+    answer = web.post(f"/admin/documents/{document_id}/reject",
+                      data={"csrf_token": csrf_of(page), "key": uuid.uuid4().hex, "reason": "   "})
+    assert answer.status_code == 422 and "Invalid input" in answer.text
+
+
+def test_a_form_sent_after_the_session_ended_comes_back_to_its_page_after_sign_in(
+    web: TestClient, tenant: TenantClient
+) -> None:
+    path = f"/properties/{tenant.property_ids[0]}"
+    answer = web.post(f"{path}/documents/1/delete", data={"key": uuid.uuid4().hex},
+                      headers={"Referer": f"http://testserver{path}"}, follow_redirects=False)
+    assert answer.headers["location"] == "/sign-in?next=" + path.replace("/", "%2F")
+    fragment = web.get(f"/portfolio/rows/{tenant.property_ids[0]}", headers={"HX-Request": "true"},
+                       follow_redirects=False)
+    assert fragment.status_code == 204 and fragment.headers["HX-Redirect"].startswith("/sign-in?next=")
+
+
+@pytest.mark.parametrize("referer", ["javascript:alert(1)", "https://evil.example/page"])
+def test_go_back_never_leads_off_the_site(web: TestClient, tenant: TenantClient, referer: str) -> None:
+    sign_in(web, tenant.token)
+    answer = web.get("/properties/999999", headers={"Referer": referer})
+    assert answer.status_code == 404
+    assert "Go back" not in answer.text and referer not in answer.text

@@ -14,7 +14,6 @@ function localTimes(root) {
 function say(text, bad) {
   const el = document.getElementById("live-status");
   if (!el) return;
-  el.hidden = !text;
   el.textContent = text || "";
   el.classList.toggle("bad", Boolean(bad));
 }
@@ -30,12 +29,12 @@ function followLive() {
     const change = JSON.parse(event.data);
     const item = document.getElementById(`property-${change.property_id}`);
     if (!item || item.dataset.status === change.status) return;
-    htmx.ajax("GET", item.dataset.fragment, { target: item, swap: "outerHTML" });
+    htmx.ajax("GET", item.dataset.fragment, { target: item, swap: "outerHTML" }).then(() => {
+      if (change.status === "up_to_date" && change.score !== null) say(`Score updated: ${change.score}`);
+      else if (change.status === "failed") say("The score could not be updated; an operator has been told.", true);
+    });
   });
-  source.addEventListener("settled", () => {
-    source.close();
-    say("");
-  });
+  source.addEventListener("settled", () => source.close());
   source.addEventListener("open", () => say(""));
   source.onerror = () => {
     if (source.readyState === EventSource.CLOSED) {
