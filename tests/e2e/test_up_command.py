@@ -406,3 +406,27 @@ def test_the_evaluation_walk_through_of_docs_evaluations_md_runs_as_written_afte
     assert events[0] == "snapshot" and events[-1] == "complete" and "progress" in events, done.stdout
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["stages_answered"] == 11 and summary["energy_rating"] in "ABCDEFG"
+
+
+def test_the_walk_through_of_docs_api_md_runs_as_written_after_the_demo(run, data_dir) -> None:
+    demo = run(["demo", "--pace", "0.1"])
+    assert demo.finish(120) == 0, demo.output()
+    up = run(["up"])
+    up.wait_for(READY, STARTUP_SECONDS)
+    commands = walk_through(ROOT / "docs" / "api.md")
+    commands = commands.replace("API=http://127.0.0.1:8000", f"API={up.api_url()}", 1)
+    env = {k: v for k, v in os.environ.items() if k != "RECALQ_DATA_DIR"}  # the default: ./var
+    if shutil.which("jq") is None:
+        env["PATH"] = f"{ROOT / 'tests' / 'harness' / 'bin'}{os.pathsep}{env['PATH']}"
+
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=data_dir.parent, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    scores = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"compliance_score"')]
+    assert scores[-1] == {"compliance_score": 13, "status": "up_to_date"}, done.stdout
+    assert done.stdout.rstrip().endswith('"verified"'), done.stdout  # the demo's documents were not touched
+    with psycopg.connect(up.database_url()) as conn:  # the key, as docs/api.md says it is stored
+        found = conn.execute("SELECT count(*) FROM compliance_recalc_queue "
+                             "WHERE correlation_id ~ '^client:[0-9]+:upload-cp12-[0-9]+$'").fetchone()
+    assert found == (1,)
