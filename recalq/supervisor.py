@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def _run(
     say = _say("recalq")
     with _signals() as signals:
         try:
+            # Before anything starts: a taken port found after every child started is a muddle.
+            _check_ports_free(settings)
             # Beat's schedule and Flower's state live here even when no service is embedded.
             data_dir = embedded.prepare_data_dir(settings.data_dir)
             with _exclusive_if(settings.embedded, data_dir), embedded.services(
@@ -294,6 +297,22 @@ def _report_failure(children: Children, services: Services) -> int:
 
 class StartupError(RuntimeError):
     pass
+
+
+def _check_ports_free(settings: Settings) -> None:
+    """The API's and Flower's ports must be free; say which setting moves one that is not."""
+    for what, host, port, setting in (("API", settings.api_host, settings.api_port, "RECALQ_API_PORT"),
+                                      ("Flower", settings.flower_host, settings.flower_port, "RECALQ_FLOWER_PORT")):
+        if port == 0:
+            continue  # the kernel picks a free one
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise StartupError(f"the {what}'s port {port} on {host} is not free ({exc.strerror}): stop what "
+                                   f"uses it, or set {setting} to another port (0 lets the system pick one)."
+                                   ) from None
 
 
 def _migrate(settings: Settings) -> None:

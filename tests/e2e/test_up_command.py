@@ -46,8 +46,9 @@ STARTUP_SECONDS = 45
 class RecalqCommand:
     """One `python -m recalq ...` run, its output collected line by line."""
 
-    def __init__(self, args: list[str], data_dir: Path, cwd: Path) -> None:
+    def __init__(self, args: list[str], data_dir: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        extra = env or {}
         env = {k: v for k, v in os.environ.items()
                if k not in {"DATABASE_URL", "BROKER_URL", "RECALQ_DATABASE_URL", "RECALQ_BROKER_URL", "RECALQ_FAULT",
                             "RECALQ_ADMIN_API_KEYS", "RECALQ_STORAGE_DIR", "RECALQ_API_HOST",
@@ -55,6 +56,7 @@ class RecalqCommand:
                and not k.startswith("FLOWER_")}
         env.update(RECALQ_DATA_DIR=str(data_dir), RECALQ_API_PORT="0", RECALQ_FLOWER_PORT="0", PYTHONPATH=str(ROOT),
                    PYTHONUNBUFFERED="1")
+        env.update(extra)
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "recalq", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -162,8 +164,8 @@ def run(data_dir: Path) -> Iterator[type[RecalqCommand]]:
     home = data_dir.parent  # not the repository: `recalq up` must not depend on where it starts
 
     class Tracked(RecalqCommand):
-        def __init__(self, args: list[str], data_dir: Path = data_dir) -> None:
-            super().__init__(args, data_dir, cwd=home)
+        def __init__(self, args: list[str], data_dir: Path = data_dir, env: dict[str, str] | None = None) -> None:
+            super().__init__(args, data_dir, cwd=home, env=env)
             started.append(self)
 
     yield Tracked
@@ -430,3 +432,15 @@ def test_the_walk_through_of_docs_api_md_runs_as_written_after_the_demo(run, dat
         found = conn.execute("SELECT count(*) FROM compliance_recalc_queue "
                              "WHERE correlation_id ~ '^client:[0-9]+:upload-cp12-[0-9]+$'").fetchone()
     assert found == (1,)
+
+
+def test_up_refuses_a_taken_port_before_starting_anything_and_names_the_setting(run, data_dir) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = run(["up"], env={"RECALQ_API_PORT": str(port)})
+        assert up.finish(30) == 1
+    out = up.output()
+    assert f"the API's port {port} on 127.0.0.1 is not free" in out and "RECALQ_API_PORT" in out, out
+    assert "database:" not in out, "nothing was started"
