@@ -99,7 +99,8 @@ class ScoreWatcher:
         return True
 
 
-def run(database_url: str, *, say: Callable[[str], None], stop: threading.Event, pace: float) -> bool:
+def run(database_url: str, *, say: Callable[[str], None], stop: threading.Event, pace: float,
+        keep_running: bool = False) -> bool:
     """Runs the script; True when every change's score landed, False if one did not (or on stop)."""
     today = date.today()
     with psycopg.connect(database_url) as conn:
@@ -169,7 +170,14 @@ def run(database_url: str, *, say: Callable[[str], None], stop: threading.Event,
         if not _evaluate(conn, client.client_id, high_st, "12 High St", say, stop):
             return stop.is_set()
 
-    say(f"done: every score landed. Client {client.client_id}'s properties, their scores and the queue:")
+    if keep_running:
+        say(f"done: every score landed. Still running: client {client.client_id}'s properties, their scores and "
+            "the queue, in psql:")
+    else:
+        # The demo stops its embedded database as it exits: say how to look at what it left.
+        say(f"done: every score landed. The data stays in the data directory: start `recalq up` (or next time "
+            f"`recalq demo --keep-running`) and look at client {client.client_id}'s properties, their scores and "
+            "the queue in psql:")
     # Printed for the user to paste into psql, never executed here.
     say(f"  SELECT id, name, compliance_score FROM properties WHERE client_id = {client.client_id};")  # noqa: S608
     say(f"  SELECT * FROM compliance_recalc_queue WHERE client_id = {client.client_id}"  # noqa: S608

@@ -117,7 +117,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from recalq import demo
 
     def script(database_url: str, stop: threading.Event) -> bool:
-        return demo.run(database_url, say=_say("demo"), stop=stop, pace=max(0.0, args.pace))
+        return demo.run(database_url, say=_say("demo"), stop=stop, pace=max(0.0, args.pace),
+                        keep_running=args.keep_running)
 
     return _run(settings, log_level=args.log_level, echo_children=args.verbose, script=script,
                 keep_running=args.keep_running)

@@ -374,6 +374,8 @@ def test_demo_prints_each_score_update_as_it_lands_and_exits_by_itself(run, data
         assert re.search(rf'property \d+ "[^"]+": {old} -> {new} \({change}\)', out), f"no {change} update:\n{out}"
     assert "Updating…" in out
     assert "done: every score landed" in out
+    # It exits, and its database with it: it says how to get at the data, not SQL for a stopped server.
+    assert "start `recalq up` (or next time `recalq demo --keep-running`)" in out
     # The evaluation: its stages printed as they started, in order, then what it found.
     shown = re.findall(r"evaluation: (.+)$", out, re.MULTILINE)
     assert shown == [stage.display for stage in STAGES], out
