@@ -190,6 +190,9 @@ class Runtime:
     def celery_app(self) -> Celery:
         app = Celery("recalq")
         app.config_from_object(celery_config(self.settings))
+        # One line per job at INFO, its outcome ("succeeded" / "retry" / the runner's lines): not
+        # also a "received" line for every delivery, which doubles a busy worker's log.
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
         recalculation_task.register(app, lambda: self.runners[RECALCULATE_TASK])
         for name in self.job_kinds():
             if name != RECALCULATE_TASK:

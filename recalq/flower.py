@@ -15,6 +15,7 @@ history.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,4 +125,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     except EmbeddedError as exc:
         raise SystemExit(f"recalq flower: {exc}") from None
     argv = flower_argv(config, data_dir, args.log_level, [a for a in args.extra if a != "--"])
+    # "Inspect method … failed" at WARNING means no worker answered Flower's inspect in time,
+    # which is every start-up (the workers start beside it); a real failure is logged as an error.
+    logging.getLogger("flower.inspector").setLevel(logging.ERROR)
     return runtime().celery_app.start(argv) or 0

@@ -552,6 +552,12 @@ def _child_env(database_url: str, broker_url: str, data_dir: Path) -> dict[str, 
     # own reading of a relative RECALQ_DATA_DIR.
     env.update(RECALQ_DATABASE_URL=database_url, RECALQ_BROKER_URL=broker_url, RECALQ_DATA_DIR=str(data_dir),
                PYTHONUNBUFFERED="1")
+    # `up` is a developer's machine or a sandbox, often as root: Celery's warning about a
+    # superuser worker tells them nothing they can act on there (production units run as a user).
+    # (By its text: a -W filter naming celery's own category is read before celery is importable.)
+    quiet_root = "ignore:You're running the worker with superuser privileges"
+    warnings_filters = [w for w in (env.get("PYTHONWARNINGS"), quiet_root) if w]
+    env["PYTHONWARNINGS"] = ",".join(warnings_filters)
     return env
 
 

@@ -427,6 +427,9 @@ def test_the_walk_through_of_docs_api_md_runs_as_written_after_the_demo(run, dat
                           text=True, timeout=120, env=env)
 
     assert done.returncode == 0, done.stdout + done.stderr
+    out = up.output()
+    assert "SecurityWarning" not in out and "Inspect method" not in out, "warnings that only frighten"
+    assert "succeeded in" in out and not re.search(r"Task \S+\[\S+\] received", out), "one line per job"
     scores = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"compliance_score"')]
     assert scores[-1] == {"compliance_score": 13, "status": "up_to_date"}, done.stdout
     assert done.stdout.rstrip().endswith('"verified"'), done.stdout  # the demo's documents were not touched
