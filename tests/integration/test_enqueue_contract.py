@@ -320,14 +320,16 @@ def test_an_sql_null_payload_is_refused_naming_the_rule(refused_conn: psycopg.Co
 
 
 def test_an_unknown_task_is_refused_with_the_known_tasks_in_the_hint(refused_conn: psycopg.Connection) -> None:
+    [known] = refused_conn.execute("SELECT string_agg(name, ', ' ORDER BY name) FROM outbox_task").fetchone()
+    assert TASK in known
     with pytest.raises(errors.InvalidParameterValue) as refused:
         enqueue_sql(refused_conn, task="compliance.recalc")
-    assert refused.value.diag.message_hint == f"known tasks: {TASK}"
+    assert refused.value.diag.message_hint == f"known tasks: {known}"
     refused_conn.rollback()
 
     with pytest.raises(outbox.InvalidEnqueue) as in_python:
         enqueue_py(refused_conn, task="compliance.recalc")
-    assert in_python.value.hint == f"known tasks: {TASK}"
+    assert in_python.value.hint == f"known tasks: {known}"
     assert TASK in str(in_python.value)
 
 
