@@ -4,7 +4,9 @@ where `next` may lead, and that a token never lands in a URL or the access log."
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import re
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+import api.web
 from api.app import create_app
+from api.web.rendering import PageRoute
 from tests.harness.api import ADMIN_KEY, TenantClient, api_settings, new_tenant
 from tests.harness.toy_kind import TOY_UNIT_TABLE, register_watched_toy, run_watched_toy, submit_watched_toy
 
@@ -224,3 +229,23 @@ def test_go_back_never_leads_off_the_site(web: TestClient, tenant: TenantClient,
     answer = web.get("/properties/999999", headers={"Referer": referer})
     assert answer.status_code == 404
     assert "Go back" not in answer.text and referer not in answer.text
+
+
+def test_every_page_form_route_refuses_a_post_without_the_csrf_token(web: TestClient, tenant: TenantClient) -> None:
+    """Read from every page module's routes, so a form added later is held to it too."""
+    posts = sorted(route.path for module in pkgutil.iter_modules(api.web.__path__)
+                   for route in getattr(importlib.import_module(f"api.web.{module.name}"), "router", APIRouter()).routes
+                   if isinstance(route, PageRoute) and "POST" in route.methods)
+    assert len(posts) >= 9, posts
+    refused = {}
+    for path in posts:
+        concrete = re.sub(r"\{[a-z_]+\}", "1", path)
+        as_admin = path.startswith("/admin/")
+        web.cookies.clear()
+        if path != "/sign-in":
+            sign_in(web, ADMIN_KEY if as_admin else tenant.token)
+        answer = web.post(concrete, data={"csrf_token": "forged", "key": uuid.uuid4().hex, "secret": tenant.token,
+                                          "reason": "r", "requirement_code": "epc", "address": "1 High St"},
+                          files={"file": ("a.txt", b"EPC certificate", "text/plain")}, follow_redirects=False)
+        refused[path] = answer.status_code
+    assert set(refused.values()) == {403}, refused
