@@ -141,3 +141,22 @@ def test_sigterm_mid_stage_lets_the_stage_finish_and_the_evaluation_is_never_los
     assert done["status"] == "done"
     calls = simulator.calls()
     assert calls["planning"] == 1 and all(n == 1 for n in calls.values()), calls
+
+
+def test_evaluations_wait_on_their_own_queue_and_never_hold_the_recalculation_workers(
+    evaluation_system: System, simulator: Simulator
+) -> None:
+    system = evaluation_system
+    _, api = system.start_api()
+    system.start_worker()  # the recalculations' worker only: nobody consumes the evaluations queue
+    tenant = new_tenant(system.database_url, n_properties=2)
+    evaluations = [submit(api, tenant, property_id=p)["id"] for p in tenant.property_ids]
+
+    # The properties' first scores land while both evaluations wait for workers of their own.
+    wait_until(lambda: all(httpx.get(f"{api}/api/properties/{p}", headers=tenant.headers, timeout=10).json()
+                           ["status"] == "up_to_date" for p in tenant.property_ids), 60, "the scores to land")
+    assert [job(api, tenant, j)["status"] for j in evaluations] == ["queued", "queued"]
+    assert simulator.calls() == {}
+
+    system.start_worker(queue=EVALUATION_QUEUE)
+    assert [wait_done(api, tenant, j)["status"] for j in evaluations] == ["done", "done"]
