@@ -12,11 +12,14 @@
     recalq new-key    print a fresh admin API key
     recalq simulator  serve simulated providers for property evaluations (the demo and tests use it)
 
-Operating it (need DATABASE_URL only):
+Operating it (need only the database: DATABASE_URL, else the embedded one of the `recalq up`
+running in RECALQ_DATA_DIR):
     recalq status     the queue per task and status, relay lag, throughput
     recalq jobs       jobs newest first, filtered by status, key or task
     recalq job ID     one job and every attempt it made, with each attempt's error
     recalq requeue    run DEAD jobs again once their cause is fixed (audited)
+    recalq purge-dead delete DEAD jobs that will never run again (shows them and asks first)
+    recalq cancel ID  stop a job of a kind that may be cancelled
     recalq drain      wait until nothing is pending, published, running or retrying
 
 `recalq COMMAND --help` describes each one; docs/operations.md has the runbooks.
@@ -32,10 +35,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from recalq.settings import Settings
+
+if TYPE_CHECKING:
+    from recalq.operator_purge import Age
 
 log = logging.getLogger("recalq")
 
@@ -62,7 +69,8 @@ STATUS_HELP = """\
 Prints the outbox_queue_state view: one row per task and job status with the jobs in it now
 (done and superseded are history: -), the age of the oldest, the relay lag (pending only: how
 long the oldest due job has waited for a relay), jobs finished in the last 1 and 5 minutes and
-their rate; then one line over all tasks. Reads the database only (DATABASE_URL).
+their rate; then one line over all tasks. Reads the database only (DATABASE_URL; without it,
+the embedded database of the `recalq up` running in RECALQ_DATA_DIR, named on stderr).
 
 Exit status: 0, or 2 when the database cannot be reached.
 
@@ -74,7 +82,7 @@ examples:
 JOBS_HELP = """\
 Lists jobs newest first: id, task, coalescing key, status, attempts/max, when it runs next
 (pending, published, running and retrying jobs) and its last error, cut to fit; --json gives
-every column in full. Reads the database only (DATABASE_URL).
+every column in full. Reads the database only (DATABASE_URL, or a running `recalq up`'s).
 
 examples:
   recalq jobs --status dead                 # what failed, and why
@@ -86,7 +94,7 @@ JOB_HELP = """\
 Shows one job (task, key, status, attempts, Celery task id, last error) and every attempt it
 made, in every run (a requeue starts the next run): outcome (succeeded, failed, lost when its
 worker died or its lease ran out), when, on which worker, and its error. --json gives it all
-unabridged. Reads the database only (DATABASE_URL).
+unabridged. Reads the database only (DATABASE_URL, or a running `recalq up`'s).
 
 examples:
   recalq job 1234
@@ -109,12 +117,47 @@ examples:
   recalq requeue --key property:42
   recalq requeue --all --yes
 """
+PURGE_DEAD_HELP = """\
+Deletes DEAD jobs for good, with the superseded jobs they covered and all their requests: for
+jobs that will never run again (their property is gone, their payload can never be valid).
+Choose them by id, by coalescing key, by age (--older-than: how long ago they died), or --all;
+filters given together must all match. It first prints the jobs it chose and what goes with
+them, then asks (--yes skips the question; --dry-run stops after the list). A job requeued in
+the meantime is left alone. Purging writes no audit row, and cannot be undone; requeue a job
+instead if its cause can be fixed.
+
+Exit status: 0 when purged (or nothing matched, or --dry-run); 1 when a named job does not
+exist or is not dead, or the question was not answered yes; 2 when the database cannot be
+reached or the selection is missing.
+
+examples:
+  recalq purge-dead --older-than 30d --dry-run
+  recalq purge-dead --older-than 30d
+  recalq purge-dead 1234 1240
+  recalq purge-dead --key property:42 --yes
+"""
+CANCEL_HELP = """\
+Stops a job whose kind's policy allows cancelling (outbox_task.cancellable, e.g. a property
+evaluation): one waiting to run (pending, published, retrying) is cancelled at once; a running
+one is asked to stop and stops at its next unit (a stage), which `recalq job ID` then shows. The
+recalculation cannot be cancelled: it carries the requests of every change coalesced into it.
+The API's POST /api/jobs/{id}/cancel is the same transition.
+
+Exit status: 0 when cancelled, asked to stop, or already cancelled; 1 when the job does not
+exist, already ended otherwise, or its kind cannot be cancelled; 2 when the database cannot be
+reached.
+
+examples:
+  recalq jobs --task evaluation.evaluate_property --status running
+  recalq cancel 1234
+"""
 DRAIN_HELP = """\
-Waits until no job is pending, published, running or retrying, showing what is left, how fast
-it finishes and about how long it will take (on one line in a terminal, else a line every few
-seconds). DEAD jobs do not hold it up; they are reported at the end. Use it before stopping
-workers for maintenance, or after a backlog, to know when the system has caught up. Needs
-workers and a relay to be running somewhere, or nothing will move.
+Waits until no job is pending, published, running or retrying, showing what is left, how many
+jobs finished in the last 10 s and how fast the backlog shrank over them, and about how long it
+will take (on one line in a terminal, else a line every few seconds). DEAD jobs do not hold it
+up; they are reported at the end. Use it before stopping workers for maintenance, or after a
+backlog, to know when the system has caught up. Needs workers and a relay to be running
+somewhere, or nothing will move.
 
 Exit status: 0 when drained; 1 when --timeout passed first (the message says what is left);
 2 when the database cannot be reached.
@@ -248,6 +291,20 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     which.add_argument("--all", action="store_true", help="every dead job (asks first)")
     requeue.add_argument("--yes", action="store_true", help="do not ask before requeueing --all")
 
+    purge = command("purge-dead", "delete DEAD jobs for good: by id, key, age or all (shows them, asks first)",
+                    PURGE_DEAD_HELP)
+    purge.add_argument("job_ids", nargs="*", type=_bounded_int(1, MAX_ID), metavar="JOB_ID",
+                       help="these dead jobs (each must be dead)")
+    purge.add_argument("--key", type=_key, metavar="KEY", help="only dead jobs of this coalescing key")
+    purge.add_argument("--older-than", type=_age, metavar="AGE",
+                       help="only jobs that died more than AGE ago: 90s, 30m, 12h, 7d or 2w")
+    purge.add_argument("--all", action="store_true", help="every dead job")
+    purge.add_argument("--dry-run", action="store_true", help="show what would be purged, and stop")
+    purge.add_argument("--yes", action="store_true", help="do not ask before purging")
+
+    cancel = command("cancel", "stop a job whose kind may be cancelled: now, or at its next unit", CANCEL_HELP)
+    cancel.add_argument("job_id", type=_bounded_int(1, MAX_ID), metavar="JOB_ID", help="the job's id")
+
     drain = command("drain", "wait until no job is pending, published, running or retrying", DRAIN_HELP)
     drain.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                        help="give up after this long and exit 1 (default: wait as long as it takes)")
@@ -256,9 +313,23 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _operator(name: str, settings: Settings, args: argparse.Namespace) -> int:
-    from recalq import operator
+    from recalq import operator, operator_drain, operator_purge, operator_repair
 
-    return operator.run(name, getattr(operator, name), settings, args)
+    commands: dict[str, operator.Command] = {
+        "status": operator.status, "jobs": operator.jobs, "job": operator.job, "requeue": operator_repair.requeue,
+        "purge-dead": operator_purge.purge_dead, "cancel": operator_repair.cancel, "drain": operator_drain.drain,
+    }
+    check = operator_purge.check if name == "purge-dead" else None
+    return operator.run(name, commands[name], settings, args, check)
+
+
+def _age(text: str) -> Age:
+    from recalq.operator_purge import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:

@@ -59,11 +59,13 @@ def prepare_data_dir(data_dir: Path) -> Path:
 def exclusive(data_dir: Path) -> Iterator[None]:
     """Refuses a second `recalq up` on the same data directory while the first runs: two Redis
     servers on one append-only file, or two supervisors stopping one PostgreSQL, break both."""
-    with open(data_dir / "recalq-up.lock", "w") as lock:
+    # Opened without truncating: a refused second `up` must not wipe the first one's pid.
+    with open(data_dir / "recalq-up.lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EmbeddedError(f"another `recalq up` is already using {data_dir}.") from None
+        lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
         yield

@@ -348,7 +348,9 @@ def test_up_stops_everything_and_exits_non_zero_when_its_worker_dies(run, data_d
     up = run(["up"])
     up.wait_for(READY, STARTUP_SECONDS)
     family = up.family()
-    [worker] = [p for p in psutil.Process(up.popen.pid).children() if "celery" in " ".join(p.cmdline())]
+    # The recalculations' worker (the evaluations' has a queue and a name of its own).
+    [worker] = [p for p in psutil.Process(up.popen.pid).children()
+                if "celery" in " ".join(p.cmdline()) and "recalq-evaluations-" not in " ".join(p.cmdline())]
 
     os.killpg(worker.pid, signal.SIGKILL)
 

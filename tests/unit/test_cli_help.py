@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from recalq import cli
 
-OPERATOR_COMMANDS = ("status", "jobs", "requeue", "drain")
+OPERATOR_COMMANDS = ("status", "jobs", "requeue", "drain", "purge-dead", "cancel")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -105,9 +106,11 @@ def test_a_bad_database_url_names_the_variable_with_its_alias(
 
 @pytest.mark.parametrize("name", OPERATOR_COMMANDS)
 def test_an_operator_command_without_database_url_exits_2_saying_so(
-    name: str, capsys: pytest.CaptureFixture[str]
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    argv = [name, "--all", "--yes"] if name == "requeue" else [name]
+    monkeypatch.setenv("RECALQ_DATA_DIR", str(tmp_path / "var"))  # no `recalq up` runs there
+    argv = {"requeue": [name, "--all", "--yes"], "purge-dead": [name, "--all", "--yes"],
+            "cancel": [name, "1"]}.get(name, [name])
 
     assert cli.main(argv) == 2
 
