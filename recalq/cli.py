@@ -466,7 +466,7 @@ def _simulator(_settings: None, args: argparse.Namespace) -> int:
     from recalq.provider_simulator import serve_simulator
 
     try:
-        serve_simulator(args.host, args.port, args.latency)
+        stopped_by = serve_simulator(args.host, args.port, args.latency)
     except KeyboardInterrupt:  # main() does not catch it for a command without settings
         return 130
-    return 0
+    return 128 + stopped_by if stopped_by else 0  # 130 after Ctrl-C, 143 after SIGTERM

@@ -261,7 +261,15 @@ async def _answer(simulator: Simulator, stage: str, address: str, arrival: Arriv
 
 
 class _Server(uvicorn.Server):
-    """Says where it listens once it does, with the port the system chose for port 0."""
+    """Says where it listens once it does, with the port the system chose for port 0, and
+    remembers the signal that stopped it (uvicorn's own re-raise of it after the shutdown does
+    not reach the caller reliably: an ignored or already-handled signal is lost)."""
+
+    stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.stopped_by = self.stopped_by or sig
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -271,11 +279,14 @@ class _Server(uvicorn.Server):
             print(f"{LISTENING} http://{host}:{port}", flush=True)
 
 
-def serve_simulator(host: str, port: int, latency_seconds: float) -> None:
-    """Serves the simulator until SIGINT/SIGTERM; prints `provider simulator listening on http://HOST:PORT`."""
+def serve_simulator(host: str, port: int, latency_seconds: float) -> int | None:
+    """Serves the simulator until SIGINT/SIGTERM; prints `provider simulator listening on http://HOST:PORT`.
+    Returns the signal that stopped it."""
     config = uvicorn.Config(
         create_simulator(latency_seconds=latency_seconds), host=host, port=port,
         log_config=None,  # through the root handler, like `recalq api`
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    _Server(config).run()
+    server = _Server(config)
+    server.run()
+    return server.stopped_by

@@ -343,6 +343,9 @@ def test_the_simulator_command_prints_the_port_it_chose_and_serves_the_same_answ
     process = subprocess.Popen(
         [sys.executable, "-m", "recalq", "simulator", "--port", "0", "--latency", "0.3"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C as a terminal delivers it: a run started in the background (CI's `cmd &`) would
+        # otherwise hand the child an ignored SIGINT, and nothing would stop it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: queue.Queue[str] = queue.Queue()
     pump = threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in process.stdout],  # type: ignore[union-attr]
