@@ -27,11 +27,9 @@ from sse_starlette import ServerSentEvent
 from api.job_stream import JobEventStream, JobStreamHub, is_final
 from api.problems import problem_response
 from api.routes.jobs import job_state
-from api.security import ADMIN_KEY_HEADER
+from api.security import ADMIN_KEY_HEADER, ClientCaller
 from api.stream_tokens import StreamTokens, TokenRefused
-from api.web.callers import admin_of_session, client_of_session
-from api.web.rendering import NotForYou, SignInRequired
-from api.web.session import read_session
+from api.web.callers import session_caller
 from outbox.job_views import snapshot_from_row
 from services import client_tokens
 from services.queries import QUERIES as SERVICE_QUERIES
@@ -147,19 +145,11 @@ async def _caller(request: Request, job_id: int, token: str | None) -> tuple[str
 
 
 def _page_session(request: Request) -> tuple[str | None, bool] | None:
-    """A signed-in web page's session (its cookie), checked as every page checks it."""
-    session = read_session(request)
-    if session is None:
-        return None
-    try:
-        if session.is_client:
-            return f"client:{client_of_session(request, session).client_id}", False
-        if session.is_admin:
-            admin_of_session(request, session)
-            return None, True
-    except (SignInRequired, NotForYou):
-        return None
-    return None
+    """A signed-in web page's session (its cookie): (owner, is_admin), or None."""
+    caller = session_caller(request)
+    if isinstance(caller, ClientCaller):
+        return f"client:{caller.client_id}", False
+    return (None, True) if caller is not None else None
 
 
 def _authenticate(request: Request, presented: str) -> int | None:

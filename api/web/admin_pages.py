@@ -8,7 +8,6 @@ idempotency key, so a page does exactly what the API does and a double submit is
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Path, Query, Request
@@ -21,7 +20,7 @@ from api.routes import jobs as jobs_api
 from api.security import WatcherCaller
 from api.web.callers import PageAdmin, Session
 from api.web.client_pages import Csrf, FormKey, form_key
-from api.web.rendering import PageRoute, problem_page, render
+from api.web.rendering import PageRoute, answer_body, answer_problem_page, render
 from api.web.session import check_csrf
 from outbox import JobStatus
 from outbox.history import attempts_of_job
@@ -77,7 +76,7 @@ def requeue(request: Request, job_id: JobId, admin: PageAdmin, session: Session,
             key: FormKey, csrf: Csrf = "") -> Response:
     check_csrf(session, csrf)
     answer = admin_jobs_api.requeue(job_id, admin, conn, key, request)
-    runs_as = json.loads(bytes(answer.body))["job_id"] if isinstance(answer, JSONResponse) else answer.job_id
+    runs_as = answer_body(answer)["job_id"] if isinstance(answer, JSONResponse) else answer.job_id
     return RedirectResponse(f"/admin/jobs/{runs_as}?notice=requeued", status_code=303)
 
 
@@ -88,8 +87,7 @@ def cancel(request: Request, job_id: JobId, admin: PageAdmin, session: Session, 
     outcome = Response()
     answer = jobs_api.cancel_job(job_id, WatcherCaller(admin.actor, is_admin=True), conn, key, request, outcome)
     if isinstance(answer, JSONResponse) and answer.status_code >= 400:
-        body = json.loads(bytes(answer.body))
-        return problem_page(request, answer.status_code, body["title"], body["detail"], back=f"/admin/jobs/{job_id}")
+        return answer_problem_page(request, answer, back=f"/admin/jobs/{job_id}")
     notice = "cancel_requested" if outcome.status_code == 202 else "cancelled"
     return RedirectResponse(f"/admin/jobs/{job_id}?notice={notice}", status_code=303)
 

@@ -46,6 +46,19 @@ def admin_of_session(request: Request, session: Annotated[WebSession, Depends(pa
     return AdminCaller(Actor(ActorType.ADMIN, f"key:{session.admin_key}"))
 
 
+def session_caller(request: Request) -> ClientCaller | AdminCaller | None:
+    """Who a request's session cookie signs in, checked as every page checks it, or None: for
+    the streams, which answer 401 instead of redirecting. Reads the database (revocation):
+    call it off the event loop."""
+    session = read_session(request)
+    if session is None:
+        return None
+    try:
+        return client_of_session(request, session) if session.is_client else admin_of_session(request, session)
+    except (SignInRequired, NotForYou):
+        return None
+
+
 PageClient = Annotated[ClientCaller, Depends(client_of_session)]
 PageAdmin = Annotated[AdminCaller, Depends(admin_of_session)]
 Session = Annotated[WebSession, Depends(page_session)]

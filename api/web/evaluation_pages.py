@@ -16,7 +16,6 @@ Another client's job or evaluation answers "Not found", exactly as an unknown id
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -31,7 +30,7 @@ from api.routes.evaluations import EvaluationIn
 from api.security import ClientCaller, WatcherCaller
 from api.web.callers import PageClient, Session
 from api.web.client_pages import Csrf, FormKey, form_key
-from api.web.rendering import PageRoute, problem_page, render, service_problem_parts
+from api.web.rendering import PageRoute, answer_body, answer_problem_page, render, service_problem_parts
 from api.web.session import check_csrf
 from outbox import job_views
 from outbox.job_views import JobSnapshot
@@ -87,17 +86,28 @@ def _watcher(caller: ClientCaller) -> WatcherCaller:
 
 
 def _own_job(request: Request, conn: Any, caller: ClientCaller, job_id: int) -> JobSnapshot | Response:
-    """The caller's evaluation job, or the page an unknown, expired or another's job gets."""
-    snap = job_views.snapshot(conn, job_id)
-    if snap is not None and snap.owner == _watcher(caller).owner and snap.task == evaluations.EVALUATE_TASK:
-        return snap
-    gone = job_views.tombstone(conn, job_id) if snap is None else None
-    if gone is not None and gone.owner == _watcher(caller).owner and gone.task == evaluations.EVALUATE_TASK:
-        words = {"expired": "its status has expired", "deleted": "it was deleted"}.get(gone.reason, gone.reason)
-        return problem_page(request, 404, "Gone" if gone.reason == "deleted" else "Expired",
-                            f"evaluation job {job_id} is no longer available: {words}. What a finished "
-                            "evaluation found stays under Evaluations.", back="/evaluations")
-    raise NotFound(f"evaluation job {job_id} does not exist")
+    """The caller's evaluation job, or the page the API's answer for it becomes (unknown,
+    another's, expired or deleted)."""
+    found = jobs_api.visible_job(conn, _watcher(caller), job_id)
+    if isinstance(found, JSONResponse):
+        return answer_problem_page(request, found, back="/evaluations")
+    if found.task != evaluations.EVALUATE_TASK:
+        raise NotFound(f"evaluation job {job_id} does not exist")
+    return found
+
+
+def _to_job_page(answer: Any, notice: str) -> RedirectResponse | None:
+    """Where a submission's or a resume's answer sends the browser: the job it made (or, for a
+    replay of the form's key, made before), or the job already running under the lock; None for
+    a problem, which the caller shows."""
+    if not isinstance(answer, JSONResponse):
+        return RedirectResponse(f"/evaluations/jobs/{answer.id}?notice={notice}", status_code=303)
+    found = answer_body(answer)
+    if answer.status_code < 300:
+        return RedirectResponse(f"/evaluations/jobs/{found['id']}?notice={notice}", status_code=303)
+    if found.get("active_job_id"):
+        return RedirectResponse(f"/evaluations/jobs/{int(found['active_job_id'])}?notice=running", status_code=303)
+    return None
 
 
 def stage_rows(snap: JobSnapshot) -> list[StageRow]:
@@ -144,7 +154,7 @@ def _job_context(request: Request, conn: Any, caller: ClientCaller, snap: JobSna
         "stream_url": f"/api/jobs/{snap.id}/events" if live else None,
         "can_resume": status in (UserStatus.FAILED, UserStatus.CANCELLED),
         "can_cancel": live and not snap.cancel_requested,
-        "form_key": form_key(), "stage_names": STAGE_NAMES,
+        "form_key": form_key, "stage_names": STAGE_NAMES,
     }
 
 
@@ -181,17 +191,13 @@ def start(
     try:
         answer = evaluations_api.submit_evaluation(body, caller, conn, key, request)
     except ServiceError as exc:
-        conn.rollback()
         status, problem = service_problem_parts(exc)
         return _start_page(request, caller, conn, status=status, problem=problem, address=address or "")
-    if not isinstance(answer, JSONResponse):
-        return RedirectResponse(f"/evaluations/jobs/{answer.id}?notice=started", status_code=303)
-    found = json.loads(bytes(answer.body))
-    if answer.status_code < 300:  # a replay of this form's key: the job it started
-        return RedirectResponse(f"/evaluations/jobs/{found['id']}?notice=started", status_code=303)
-    if found.get("active_job_id"):  # one is running for this already: watch that one
-        return RedirectResponse(f"/evaluations/jobs/{int(found['active_job_id'])}?notice=running", status_code=303)
-    return _start_page(request, caller, conn, status=answer.status_code, problem=found, address=address or "")
+    to_job = _to_job_page(answer, "started")
+    if to_job is not None:
+        return to_job
+    return _start_page(request, caller, conn, status=answer.status_code, problem=answer_body(answer),
+                       address=address or "")
 
 
 @router.get("/evaluations/jobs/{job_id}", response_class=HTMLResponse)
@@ -222,15 +228,7 @@ def resume(request: Request, job_id: JobId, caller: PageClient, session: Session
     if isinstance(snap, Response):
         return snap
     answer = jobs_api.resume_job(job_id, _watcher(caller), conn, key, request)
-    if not isinstance(answer, JSONResponse):
-        return RedirectResponse(f"/evaluations/jobs/{answer.id}?notice=resumed", status_code=303)
-    found = json.loads(bytes(answer.body))
-    if answer.status_code < 300:
-        return RedirectResponse(f"/evaluations/jobs/{found['id']}?notice=resumed", status_code=303)
-    if found.get("active_job_id"):
-        return RedirectResponse(f"/evaluations/jobs/{int(found['active_job_id'])}?notice=running", status_code=303)
-    return problem_page(request, answer.status_code, found.get("title", "Error"), found.get("detail", ""),
-                        back=f"/evaluations/jobs/{job_id}")
+    return _to_job_page(answer, "resumed") or answer_problem_page(request, answer, back=f"/evaluations/jobs/{job_id}")
 
 
 @router.post("/evaluations/jobs/{job_id}/cancel")
@@ -243,9 +241,7 @@ def cancel(request: Request, job_id: JobId, caller: PageClient, session: Session
     outcome = Response()
     answer = jobs_api.cancel_job(job_id, _watcher(caller), conn, key, request, outcome)
     if isinstance(answer, JSONResponse) and answer.status_code >= 400:
-        found = json.loads(bytes(answer.body))
-        return problem_page(request, answer.status_code, found.get("title", "Error"), found.get("detail", ""),
-                            back=f"/evaluations/jobs/{job_id}")
+        return answer_problem_page(request, answer, back=f"/evaluations/jobs/{job_id}")
     notice = "cancel_requested" if outcome.status_code == 202 else "cancelled"
     return RedirectResponse(f"/evaluations/jobs/{job_id}?notice={notice}", status_code=303)
 

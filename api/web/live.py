@@ -31,9 +31,8 @@ from starlette.background import BackgroundTask
 
 from api.job_stream import JobEventStream, JobStreamHub, Watch
 from api.problems import problem_response
-from api.web.callers import client_of_session
-from api.web.rendering import NotForYou, SignInRequired
-from api.web.session import read_session
+from api.security import ClientCaller
+from api.web.callers import session_caller
 from services import property_views
 from services.queries import QUERIES
 
@@ -54,13 +53,10 @@ async def property_events(request: Request, property_id: Annotated[int, Path(ge=
 
 
 async def _stream(request: Request, property_id: int | None) -> Response:
-    try:
-        # Off the event loop: reading a cookie may refresh the signing keys (a database read).
-        session = await asyncio.to_thread(read_session, request)
-        if session is None:
-            raise SignInRequired()
-        caller = await asyncio.to_thread(client_of_session, request, session)
-    except (SignInRequired, NotForYou):
+    # Off the event loop: reading a cookie may refresh the signing keys, and a client's session
+    # is checked against its token's revocation (database reads).
+    caller = await asyncio.to_thread(session_caller, request)
+    if not isinstance(caller, ClientCaller):
         return problem_response(401, "Unauthorized", "sign in as a client to follow its scores", kind="unauthorized")
     hub: JobStreamHub = request.app.state.job_streams
     settings = request.app.state.settings

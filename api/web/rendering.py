@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import psycopg
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
@@ -94,10 +94,22 @@ def problem_page(request: Request, status: int, title: str, detail: str, *,
                                             "errors": errors or [], "back": back}, status=status)
 
 
+def answer_body(answer: JSONResponse) -> dict[str, Any]:
+    """What an API route function answered with a JSONResponse (a replay, or a problem)."""
+    return json.loads(bytes(answer.body))
+
+
 def service_problem_parts(exc: ServiceError) -> tuple[int, dict[str, Any]]:
     """The API's problem document for a service error, as (status, body)."""
     answer = service_problem(exc)
-    return answer.status_code, json.loads(bytes(answer.body))
+    return answer.status_code, answer_body(answer)
+
+
+def answer_problem_page(request: Request, answer: JSONResponse, *, back: str | None = None) -> HTMLResponse:
+    """An API route's problem answer, as the page a person reads."""
+    body = answer_body(answer)
+    return problem_page(request, answer.status_code, body.get("title", "Error"), body.get("detail", ""),
+                        errors=body.get("errors"), back=back)
 
 
 def local_path(target: str | None) -> str | None:
