@@ -177,3 +177,34 @@ def live_api(database_url: str, tmp_path: Path) -> Iterator[str]:
 
 def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:150]
+
+
+@pytest.fixture
+def watched_page(page: BrowserPage) -> BrowserPage:
+    """The page, recording every request it makes (to count its streams)."""
+    page.requests_made = []  # type: ignore[attr-defined]
+    page.page.on("request", lambda request: page.requests_made.append(request.url))
+    return page
+
+
+def streams_opened(page: BrowserPage) -> list[str]:
+    """The event streams a `watched_page` opened."""
+    return [url for url in page.requests_made if url.split("?")[0].endswith("/events")]
+
+
+def sign_in(page: BrowserPage, base: str, secret: str, then: str = "") -> None:
+    """Through the sign-in form, as a person does."""
+    page.goto(f"{base}/sign-in" + (f"?next={then}" if then else ""))
+    page.get_by_label(re.compile("client token")).fill(secret)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def assert_fits_a_phone(page: BrowserPage, base: str, paths: list[str]) -> None:
+    """Each page at a phone's width scrolls only down, never sideways (screenshots of each)."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in paths:
+        page.goto(base + path)
+        page.locator("h1").first.wait_for()
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} scrolls sideways by {overflow}px on a phone"
+        page.screenshot_as("phone" + path.replace("/", "-"))

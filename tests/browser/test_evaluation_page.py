@@ -22,13 +22,11 @@ import pytest
 
 from recalq.provider_simulator import answer
 from services.evaluations import EVALUATE_TASK, EVALUATION_QUEUE, LOOKUPS, STAGES
-from tests.browser.conftest import BrowserPage
-from tests.browser.test_web_pages import sign_in
+from tests.browser.conftest import BrowserPage, assert_fits_a_phone, sign_in, streams_opened
 from tests.harness.api import TenantClient, new_tenant
 from tests.harness.simulator import Simulator, simulator_in_thread
-from tests.harness.system import System, first_broker_url
+from tests.harness.system import FAST_RESCUE, System, first_broker_url
 
-FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
 JOB_PAGE = re.compile(r".*/evaluations/jobs/(\d+)(\?.*)?$")
 STAGE_KEYS = [s.key for s in STAGES]
 
@@ -58,18 +56,6 @@ def stack(database_url: str, tmp_path: Path, simulator: Simulator) -> Iterator[t
 def tenant(stack: tuple[System, str]) -> TenantClient:
     system, _ = stack
     return new_tenant(system.database_url, n_properties=2)
-
-
-@pytest.fixture
-def watched_page(page: BrowserPage) -> BrowserPage:
-    """The page, recording every request it makes (to count its streams)."""
-    page.requests_made = []  # type: ignore[attr-defined]
-    page.page.on("request", lambda request: page.requests_made.append(request.url))
-    return page
-
-
-def streams_opened(page: BrowserPage) -> list[str]:
-    return [url for url in page.requests_made if url.split("?")[0].endswith("/events")]
 
 
 def job_id_of(page: BrowserPage) -> int:
@@ -171,13 +157,7 @@ def test_a_client_starts_an_evaluation_watches_its_stages_advance_live_reloads_m
     assert job_id_of(page) == job_id
     assert "notice" not in page.url
 
-    page.set_viewport_size({"width": 390, "height": 844})
-    for path in ("/evaluations", f"/evaluations/jobs/{job_id}"):
-        page.goto(base + path)
-        page.locator("h1").first.wait_for()
-        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-        assert overflow <= 0, f"{path} scrolls sideways by {overflow}px on a phone"
-        page.screenshot_as("phone" + path.replace("/", "-"))
+    assert_fits_a_phone(page, base, ["/evaluations", f"/evaluations/jobs/{job_id}"])
 
 
 def test_submitting_again_for_a_property_whose_evaluation_is_running_lands_on_the_running_jobs_page(

@@ -18,11 +18,10 @@ import httpx2 as httpx
 import psycopg
 import pytest
 
-from tests.browser.conftest import BrowserPage
+from tests.browser.conftest import BrowserPage, assert_fits_a_phone, sign_in, streams_opened
 from tests.harness.api import ADMIN_KEY, TenantClient, new_tenant
-from tests.harness.system import System, first_broker_url, wait_until
+from tests.harness.system import FAST_RESCUE, System, first_broker_url, wait_until
 
-FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
 GAS_CERTIFICATE = b"Gas Safety Record (CP12)\nThis landlord gas safety record expires on 2031-05-01.\n"
 
 
@@ -42,24 +41,6 @@ def stack(database_url: str, tmp_path: Path) -> Iterator[tuple[System, str]]:
 def tenant(stack: tuple[System, str]) -> TenantClient:
     system, _ = stack
     return new_tenant(system.database_url, n_properties=2)  # first scores wait for a test's worker
-
-
-def sign_in(page: BrowserPage, base: str, secret: str, then: str = "") -> None:
-    page.goto(f"{base}/sign-in" + (f"?next={then}" if then else ""))
-    page.get_by_label(re.compile("client token")).fill(secret)
-    page.get_by_role("button", name="Sign in").click()
-
-
-def streams_opened(page: BrowserPage) -> list[str]:
-    return [url for url in page.requests_made if url.endswith("/events")]
-
-
-@pytest.fixture
-def watched_page(page: BrowserPage) -> BrowserPage:
-    """The page, recording every request it makes (to count its streams)."""
-    page.requests_made = []  # type: ignore[attr-defined]
-    page.page.on("request", lambda request: page.requests_made.append(request.url))
-    return page
 
 
 def test_a_client_uploads_a_document_sees_updating_and_then_the_new_score_without_a_reload(
@@ -277,14 +258,8 @@ def test_the_pages_fit_a_phone_screen_without_sideways_scrolling(
     stack: tuple[System, str], tenant: TenantClient, page: BrowserPage
 ) -> None:
     _, base = stack
-    page.set_viewport_size({"width": 390, "height": 844})
     sign_in(page, base, tenant.token)
-    for path in ("/portfolio", f"/properties/{tenant.property_ids[0]}"):
-        page.goto(base + path)
-        page.locator("h1").first.wait_for()
-        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-        assert overflow <= 0, f"{path} scrolls sideways by {overflow}px on a phone"
-        page.screenshot_as("phone" + path.replace("/", "-"))
+    assert_fits_a_phone(page, base, ["/portfolio", f"/properties/{tenant.property_ids[0]}"])
 
 
 def test_signing_in_and_out_works_from_the_keyboard_alone(

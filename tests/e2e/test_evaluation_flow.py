@@ -21,9 +21,7 @@ from services.evaluations import EVALUATE_TASK, EVALUATION_QUEUE, LOOKUPS
 from tests.harness.api import TenantClient, new_tenant
 from tests.harness.simulator import Simulator, simulator_in_thread
 from tests.harness.sse import read_stream
-from tests.harness.system import System, wait_until
-
-FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
+from tests.harness.system import FAST_RESCUE, System, wait_until
 
 
 @pytest.fixture

@@ -17,15 +17,12 @@ import pytest
 import outbox
 from services.vocabulary import RECALCULATE_TASK
 from tests.harness.data import provision
-from tests.harness.system import System, first_broker_url, wait_until
+from tests.harness.system import FAST_RESCUE, System, first_broker_url, wait_until
 from tests.harness.toy_kind import TOY_TASK
 
 pytestmark = pytest.mark.broker
 
 TOY_APP = "tests.harness.toy_kind"
-#: The relay looks for lost jobs every second and takes over a running one 2 s after its lease
-#: ran out (2 x RECALQ_INFRA_RETRY_MAX_SECONDS of the fast settings).
-FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
 
 
 @pytest.fixture

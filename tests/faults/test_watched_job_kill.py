@@ -12,13 +12,12 @@ import psycopg
 import pytest
 
 from outbox import watched
-from tests.harness.system import System, first_broker_url, kill_all, wait_until
+from tests.harness.system import FAST_RESCUE, System, first_broker_url, kill_all, wait_until
 from tests.harness.toy_kind import TOY_UNIT_TABLE, WATCHED_TASK, register_watched_toy
 
 pytestmark = pytest.mark.broker
 
 TOY_APP = "tests.harness.toy_kind"
-FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
 UNITS = 10
 
 

@@ -41,6 +41,10 @@ FAST_SETTINGS = {
     "RECALQ_BROKER_TIMEOUT_SECONDS": "5",
 }
 
+#: The relay looks for lost jobs every second and takes over a running one shortly after its
+#: lease ran out: for tests that kill a worker and wait for the takeover.
+FAST_RESCUE = {"RECALQ_RESCUE_INTERVAL_SECONDS": "1", "RECALQ_RESCUE_AFTER_SECONDS": "1"}
+
 ACTIVE_STATUSES = ("pending", "published", "running", "retrying")
 
 
